@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     confirmation_ttl_s: int = 300
     transcript_wait_s: float = 3.0
     end_call_grace_s: float = 10.0
+    max_concurrent_calls: int = Field(
+        50, description="Live calls one replica takes; callers beyond it hear a busy message."
+    )
+    drain_timeout_s: float = Field(
+        120.0, description="On SIGTERM, how long to wait for live calls to end before exiting."
+    )
 
     log_level: str = "INFO"
 

@@ -1,0 +1,5 @@
+"""`python -m app` is the `switchboard` command."""
+
+from app.cli import main
+
+main()

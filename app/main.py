@@ -1,0 +1,62 @@
+"""The ASGI application: routes per the contract, services opened and closed by the lifespan.
+
+uvicorn --factory app.main:create_app      # or: switchboard serve
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from app.metrics import metrics_endpoint
+from app.routes_health import healthz, readyz
+from app.routes_voice import voice_incoming, voice_status
+from app.services import open_services
+from app.settings import Settings, get_settings
+
+log = logging.getLogger("switchboard.app")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        services = await open_services(settings)
+        app.state.services = services
+        log.info(
+            "switchboard ready",
+            extra={
+                "public_url": settings.public_url,
+                "media_stream_url": settings.media_stream_url,
+                "realtime_url": settings.openai_realtime_url,
+                "audio_mode": settings.audio_mode,
+            },
+        )
+        try:
+            yield
+        finally:
+            await services.close()
+
+    routes = [
+        Route("/voice/incoming", voice_incoming, methods=["POST"]),
+        Route("/voice/status", voice_status, methods=["POST"]),
+        WebSocketRoute("/media-stream", media_stream),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def media_stream(websocket: WebSocket) -> None:
+    # Imported on first use: the media handler pulls in the whole bridge, which the webhooks,
+    # probes and CLI verbs never need.
+    from app.media import media_stream as handle
+
+    await handle(websocket)

@@ -1,0 +1,190 @@
+"""WS /media-stream: authenticate Twilio's media socket, then hand it to a CallSession.
+
+Nothing upstream is opened before the stream proves itself: the `start` message must arrive
+in time and carry the one-time token minted for this CallSid by /voice/incoming. Strangers
+get close code 1008 and cost us no OpenAI session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from bridge import realtime as rt
+from bridge import twilio_media as tw
+from bridge.call import CallSession, CallSetup, CallSummary
+from prompts.personas import render_instructions
+from tools import ToolContext
+from tools.conversation import ConversationLog
+from tools.registry import realtime_tools
+
+if TYPE_CHECKING:
+    from app.services import Services
+
+log = logging.getLogger("switchboard.media")
+
+POLICY_VIOLATION = 1008
+MAX_FRAMES_BEFORE_START = 10
+
+
+async def media_stream(websocket: WebSocket) -> None:
+    services: Services = websocket.app.state.services
+    settings = services.settings
+    metrics = services.metrics
+
+    from app.security import validate_ws_upgrade
+
+    problem = validate_ws_upgrade(settings, websocket.headers, websocket.url.path)
+    if problem is not None:
+        log.warning("media socket refused before accept: %s", problem)
+        metrics.webhook_rejections.labels(reason="ws_signature").inc()
+        await websocket.close(code=POLICY_VIOLATION)
+        return
+    await websocket.accept()
+
+    try:
+        start = await asyncio.wait_for(_wait_for_start(websocket), settings.start_timeout_s)
+    except (TimeoutError, WebSocketDisconnect) as exc:
+        reason = "no start message in time" if isinstance(exc, TimeoutError) else "closed early"
+        await _refuse(websocket, services, reason)
+        return
+    if start is None:
+        await _refuse(websocket, services, "no valid start message")
+        return
+
+    token = start.custom_parameters.get("token", "")
+    grant = await services.tokens.burn(token, start.call_sid)
+    if grant is None:
+        await _refuse(websocket, services, f"bad or reused stream token for {start.call_sid}")
+        return
+    profile = services.profiles.by_id(grant.tenant)
+    if profile is None:
+        await _refuse(websocket, services, f"unknown profile {grant.tenant}")
+        return
+
+    def session_for(persona: str) -> dict[str, Any]:
+        return rt.session_update(
+            instructions=render_instructions(persona, profile),
+            tools=realtime_tools(persona),
+            audio_mode=settings.audio_mode,
+            voice=settings.realtime_voice,
+            transcription_model=settings.transcription_model,
+        )
+
+    try:
+        upstream = await rt.RealtimeConnection.connect(
+            settings.openai_realtime_url,
+            settings.realtime_model,
+            services.openai_api_key,
+        )
+    except Exception as exc:  # connect failures: DNS, refused, 4xx/5xx handshake, timeout
+        log.error("call %s: realtime connect failed: %s", start.call_sid, exc)
+        metrics.upstream_errors.inc()
+        await websocket.close(code=1011)
+        return
+
+    ctx = ToolContext(
+        tenant=profile.id,
+        profile=profile,
+        channel="voice",
+        conversation_id=start.call_sid,
+        caller=grant.caller,
+        persona=profile.persona,
+        db=services.db,
+        kv=services.kv,
+        conversation=ConversationLog(services.kv, start.call_sid),
+        notifier=getattr(services, "notifier", None),
+        tool_timeout_s=settings.tool_timeout_s,
+        confirmation_ttl_s=settings.confirmation_ttl_s,
+        transcript_wait_s=settings.transcript_wait_s,
+    )
+    setup = CallSetup(
+        call_sid=start.call_sid,
+        stream_sid=start.stream_sid,
+        tenant=profile.id,
+        caller=grant.caller,
+        called=grant.called,
+        persona=profile.persona,
+        audio_mode=settings.audio_mode,
+        session_for=session_for,
+        greeting=profile.greeting or None,
+        operator_pin=profile.operator_pin if grant.caller in profile.owner_numbers else None,
+        max_frame_bytes=settings.max_frame_bytes,
+        max_call_s=settings.max_call_s,
+        end_call_grace_s=settings.end_call_grace_s,
+        tool_timeout_s=settings.tool_timeout_s,
+    )
+    session = CallSession(
+        setup, websocket, upstream, ctx, on_finished=lambda s: _save_call(services, s)
+    )
+    services.calls[start.call_sid] = session
+    metrics.active_calls.inc()
+    try:
+        summary = await session.run()
+    finally:
+        metrics.active_calls.dec()
+        services.calls.pop(start.call_sid, None)
+    stats = summary.stats
+    metrics.frames_in.inc(stats.frames_in)
+    metrics.frames_out.inc(stats.frames_out)
+    metrics.barge_ins.inc(stats.barge_ins)
+    for reason, count in stats.frames_dropped.items():
+        metrics.frames_dropped.labels(reason=reason).inc(count)
+    log.info(
+        "call %s ended (%s) after %.1fs: %d frames in, %d out, %d dropped, %d tool calls",
+        summary.call_sid,
+        summary.end_reason,
+        summary.duration_s,
+        stats.frames_in,
+        stats.frames_out,
+        sum(stats.frames_dropped.values()),
+        len(summary.tool_calls),
+    )
+
+
+async def _wait_for_start(websocket: WebSocket) -> tw.Start | None:
+    """Read until `start`; tolerate `connected` and a few stray frames, no more."""
+    for _ in range(MAX_FRAMES_BEFORE_START):
+        event = tw.parse_frame(await websocket.receive_text())
+        if type(event) is tw.Start:
+            return event
+        if type(event) is tw.Stop:
+            return None
+    return None
+
+
+async def _refuse(websocket: WebSocket, services: Services, reason: str) -> None:
+    log.warning("media socket refused: %s", reason)
+    services.metrics.webhook_rejections.labels(reason="stream_token").inc()
+    try:
+        await websocket.close(code=POLICY_VIOLATION, reason=reason[:120])
+    except RuntimeError:
+        pass  # already closed by the peer
+
+
+async def _save_call(services: Services, summary: CallSummary) -> None:
+    from tools.records import CallRecord, save_call
+
+    def at(ts: float) -> datetime:
+        return datetime.fromtimestamp(ts, UTC)
+
+    await save_call(
+        services.db,
+        CallRecord(
+            call_sid=summary.call_sid,
+            tenant=summary.tenant,
+            from_number=summary.caller,
+            to_number=summary.called,
+            persona=summary.persona,
+            started_at=at(summary.started_at),
+            ended_at=at(summary.ended_at),
+            status=summary.end_reason,
+            transcript=summary.transcript,
+            tool_calls=summary.tool_calls,
+            usage=summary.usage,
+        ),
+    )

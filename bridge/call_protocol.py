@@ -1,0 +1,260 @@
+"""The state of one live call, without I/O: what to send where when something happens.
+
+`CallProtocol` is fed Twilio events, Realtime events and tool results, and queues the frames
+to send to Twilio and to the Realtime session plus the tool calls to start (the style of the
+`websockets` library: `receive_*` in, `*_to_send()` out). The asyncio layer in `bridge.call`
+only moves those frames and runs the tools.
+
+The audio hot path (one Twilio media frame in, one model audio delta out) is a few method
+calls and string operations here: no parsing beyond what the event parsers already did, no
+logging, no pydantic.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from bridge import realtime as rt
+from bridge import twilio_media as tw
+from bridge.audio import InboundTranscoder, OutboundTranscoder
+from bridge.playback import Playback
+
+AudioMode = Literal["pcm16", "g711"]
+
+
+@dataclass(slots=True, frozen=True)
+class ToolRequest:
+    """A function call the model made; the I/O layer runs it and reports back."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(slots=True)
+class CallStats:
+    frames_in: int = 0
+    frames_out: int = 0
+    frames_dropped: dict[str, int] = field(default_factory=dict)
+    barge_ins: int = 0
+    upstream_errors: int = 0
+    unknown_events: int = 0
+
+    def dropped(self, reason: str) -> None:
+        self.frames_dropped[reason] = self.frames_dropped.get(reason, 0) + 1
+
+
+class CallProtocol:
+    def __init__(
+        self,
+        *,
+        stream_sid: str,
+        audio_mode: AudioMode,
+        max_frame_bytes: int = 64 * 1024,
+        clock: Any = time.time,
+    ) -> None:
+        self.stream_sid = stream_sid
+        self.audio_mode = audio_mode
+        self.max_payload_chars = max_frame_bytes
+        self._clock = clock
+        self._inbound = InboundTranscoder() if audio_mode == "pcm16" else None
+        self._outbound = OutboundTranscoder() if audio_mode == "pcm16" else None
+        self.playback = Playback()
+
+        self.active_response: str | None = None
+        self._cut_responses: set[str] = set()
+        self._cut_items: set[str] = set()
+        self._tools_running: dict[str, str] = {}
+        self._response_wanted = False
+
+        self.hang_up_requested = False
+        self.finished: str | None = None  # why the call ended, once it has
+
+        self.transcript: list[dict[str, Any]] = []
+        self.tool_calls: list[dict[str, Any]] = []
+        self.usage: dict[str, int] = {}
+        self.dtmf_digits = ""
+        self.stats = CallStats()
+
+        self._to_twilio: list[str] = []
+        self._to_realtime: list[str] = []
+        self._tool_requests: list[ToolRequest] = []
+
+    # -- outputs ---------------------------------------------------------------------------
+    def twilio_frames_to_send(self) -> list[str]:
+        frames, self._to_twilio = self._to_twilio, []
+        return frames
+
+    def realtime_frames_to_send(self) -> list[str]:
+        frames, self._to_realtime = self._to_realtime, []
+        return frames
+
+    def tools_to_run(self) -> list[ToolRequest]:
+        requests, self._tool_requests = self._tool_requests, []
+        return requests
+
+    @property
+    def ready_to_hang_up(self) -> bool:
+        """end_call was asked for and the goodbye has been generated and heard."""
+        return (
+            self.hang_up_requested
+            and self.active_response is None
+            and not self._tools_running
+            and self.playback.queued_ms == 0
+        )
+
+    # -- session start ---------------------------------------------------------------------
+    def start_session(self, session_update: dict[str, Any], greeting: str | None) -> None:
+        """Configure the model, then have it speak first (it waits for us otherwise)."""
+        self._to_realtime.append(rt.encode(session_update))
+        self.request_response(f"Greet the caller with: {greeting}" if greeting else None)
+
+    def update_session(self, session_update: dict[str, Any]) -> None:
+        self._to_realtime.append(rt.encode(session_update))
+
+    def request_response(self, instructions: str | None = None) -> None:
+        """Ask the model to speak now, or as soon as its current response is done."""
+        if self.active_response is not None:
+            self._response_wanted = True
+            return
+        self._to_realtime.append(rt.encode(rt.response_create(instructions=instructions)))
+
+    # -- Twilio -> model -------------------------------------------------------------------
+    def receive_twilio(self, event: tw.TwilioEvent) -> None:
+        if type(event) is tw.Media:
+            self._caller_audio(event.payload)
+        elif type(event) is tw.Mark:
+            self.playback.acked(event.name)
+        elif type(event) is tw.Dtmf:
+            self.dtmf_digits += event.digit
+        elif type(event) is tw.Stop:
+            self.finished = self.finished or "caller hung up"
+        elif type(event) is tw.Malformed:
+            self.stats.dropped("malformed")
+        elif type(event) is tw.Unknown:
+            self.stats.dropped("unknown_event")
+        # connected/start after the start: harmless repeats, nothing to do.
+
+    def _caller_audio(self, payload: str) -> None:
+        if len(payload) > self.max_payload_chars:
+            self.stats.dropped("oversized")
+            return
+        self.stats.frames_in += 1
+        if self._inbound is None:
+            self._to_realtime.append(rt.append_audio(payload))
+            return
+        try:
+            ulaw = base64.b64decode(payload, validate=True)
+        except ValueError:
+            self.stats.dropped("bad_base64")
+            return
+        pcm = self._inbound.process(ulaw)
+        self._to_realtime.append(rt.append_audio(base64.b64encode(pcm).decode("ascii")))
+
+    # -- model -> Twilio -------------------------------------------------------------------
+    def receive_realtime(self, event: rt.ServerEvent) -> None:
+        kind = type(event)
+        if kind is rt.AudioDelta:
+            self._model_audio(event)
+        elif kind is rt.SpeechStarted:
+            self._barge_in()
+        elif kind is rt.ResponseCreated:
+            self.active_response = event.response_id
+        elif kind is rt.ResponseDone:
+            self._response_done(event)
+        elif kind is rt.FunctionCallDone:
+            self._function_call(event)
+        elif kind is rt.InputTranscriptDone:
+            self._say("caller", event.transcript, item_id=event.item_id)
+        elif kind is rt.OutputTranscriptDone:
+            self._say("agent", event.transcript, item_id=event.item_id)
+        elif kind is rt.ErrorEvent:
+            self.stats.upstream_errors += 1
+        elif kind is rt.Malformed:
+            self.stats.unknown_events += 1
+
+    def _model_audio(self, event: rt.AudioDelta) -> None:
+        if event.response_id in self._cut_responses or event.item_id in self._cut_items:
+            return  # late audio of a response the caller talked over
+        if self._outbound is None:
+            payload = event.delta_b64
+            nbytes = _b64_decoded_len(payload)
+        else:
+            ulaw = self._outbound.process(base64.b64decode(event.delta_b64))
+            if not ulaw:
+                return
+            nbytes = len(ulaw)
+            payload = base64.b64encode(ulaw).decode("ascii")
+        mark = self.playback.sent(event.item_id, nbytes)
+        self._to_twilio.append(tw.media_frame(self.stream_sid, payload))
+        self._to_twilio.append(tw.mark_frame(self.stream_sid, mark))
+        self.stats.frames_out += 1
+
+    def _barge_in(self) -> None:
+        item = self.playback.playing_item
+        responding = self.active_response is not None
+        if item is None and not responding:
+            return  # the caller spoke into silence: nothing to interrupt
+        self.stats.barge_ins += 1
+        # Order matters: stop the caller hearing old audio first (the latency they notice),
+        # then stop generation, then tell the model how much of its answer was really heard.
+        self._to_twilio.append(tw.clear_frame(self.stream_sid))
+        if responding:
+            self._to_realtime.append(rt.encode(rt.response_cancel()))
+            self._cut_responses.add(self.active_response)  # type: ignore[arg-type]
+        if item is not None:
+            heard = self.playback.heard_ms(item)
+            self._cut_items.add(item)
+            self._to_realtime.append(rt.encode(rt.truncate(item, heard)))
+        self.playback.cleared()
+        if self._outbound is not None:
+            self._outbound = OutboundTranscoder()  # drop resampler history of the cut audio
+
+    def _response_done(self, event: rt.ResponseDone) -> None:
+        if self.active_response == event.response_id or event.response_id is None:
+            self.active_response = None
+        for key, value in (event.usage or {}).items():
+            if isinstance(value, int):
+                self.usage[key] = self.usage.get(key, 0) + value
+        self._maybe_respond()
+
+    def _function_call(self, event: rt.FunctionCallDone) -> None:
+        self._tools_running[event.call_id] = event.name
+        self._tool_requests.append(ToolRequest(event.call_id, event.name, event.arguments))
+
+    def tool_finished(self, request: ToolRequest, output: str, result: dict[str, Any]) -> None:
+        """The tool's result goes back to the model; a reply is asked for once it may be."""
+        self._tools_running.pop(request.call_id, None)
+        self.tool_calls.append(
+            {
+                "at": self._clock(),
+                "name": request.name,
+                "arguments": request.arguments,
+                "status": result.get("status", "ok"),
+                "result": result,
+            }
+        )
+        self._to_realtime.append(rt.encode(rt.function_call_output(request.call_id, output)))
+        if not self.hang_up_requested:
+            self._response_wanted = True
+        self._maybe_respond()
+
+    def _maybe_respond(self) -> None:
+        # response.create while a response is active is an error upstream
+        # (conversation_already_has_active_response); tool outputs of one turn share one reply.
+        if self._response_wanted and self.active_response is None and not self._tools_running:
+            self._response_wanted = False
+            self._to_realtime.append(rt.encode(rt.response_create()))
+
+    def _say(self, role: str, text: str, *, item_id: str | None) -> None:
+        if text:
+            self.transcript.append(
+                {"role": role, "text": text, "at": self._clock(), "item": item_id}
+            )
+
+
+def _b64_decoded_len(b64: str) -> int:
+    return len(b64) * 3 // 4 - b64.count("=", -2)

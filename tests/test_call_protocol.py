@@ -1,0 +1,239 @@
+"""CallProtocol: the per-call decisions (audio relay, barge-in, tool turns, hang-up), no I/O."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import orjson
+import pytest
+
+from bridge import realtime as rt
+from bridge import twilio_media as tw
+from bridge.call_protocol import CallProtocol, ToolRequest
+from tests.sdk_oracle import assert_valid_client_event
+
+STREAM = "MZ00000000000000000000000000000000"
+
+
+def protocol(mode: str = "pcm16") -> CallProtocol:
+    return CallProtocol(stream_sid=STREAM, audio_mode=mode, max_frame_bytes=4096)  # type: ignore[arg-type]
+
+
+def realtime_out(p: CallProtocol) -> list[dict]:
+    events = [orjson.loads(frame) for frame in p.realtime_frames_to_send()]
+    for event in events:
+        assert_valid_client_event(event)
+    return events
+
+
+def twilio_out(p: CallProtocol) -> list[dict]:
+    frames = p.twilio_frames_to_send()
+    for frame in frames:
+        assert not isinstance(tw.parse_outbound(frame), tw.Malformed), frame
+    return [orjson.loads(frame) for frame in frames]
+
+
+def ulaw_frame(ms: int = 20, byte: int = 0x7F) -> str:
+    return base64.b64encode(bytes([byte]) * (8 * ms)).decode()
+
+
+def pcm24_delta(ms: int) -> str:
+    t = np.arange(24 * ms) / 24000
+    pcm = (8000 * np.sin(2 * np.pi * 440 * t)).astype("<i2").tobytes()
+    return base64.b64encode(pcm).decode()
+
+
+def model_speaks(p: CallProtocol, item: str, response: str, chunks: int, ms: int = 20) -> list[str]:
+    """Feed `chunks` audio deltas; returns the mark names sent after each."""
+    marks = []
+    for _ in range(chunks):
+        delta = pcm24_delta(ms) if p.audio_mode == "pcm16" else ulaw_frame(ms)
+        p.receive_realtime(rt.AudioDelta(item_id=item, response_id=response, delta_b64=delta))
+        sent = twilio_out(p)
+        assert [m["event"] for m in sent] == ["media", "mark"]
+        marks.append(sent[1]["mark"]["name"])
+    return marks
+
+
+def test_session_start_configures_then_asks_for_a_greeting() -> None:
+    p = protocol()
+    update = rt.session_update(
+        instructions="Be brief.", tools=[], audio_mode="pcm16", voice="marin",
+        transcription_model="gpt-4o-mini-transcribe",
+    )
+    p.start_session(update, "Hello from Acme")
+    events = realtime_out(p)
+    assert [e["type"] for e in events] == ["session.update", "response.create"]
+    assert "Hello from Acme" in events[1]["response"]["instructions"]
+
+
+@pytest.mark.parametrize("mode", ["pcm16", "g711"])
+def test_caller_audio_is_forwarded_in_the_session_format(mode: str) -> None:
+    p = protocol(mode)
+    payload = ulaw_frame(20, 0x80)
+    p.receive_twilio(tw.Media(payload=payload, timestamp=20, chunk=1))
+    (event,) = realtime_out(p)
+    assert event["type"] == "input_audio_buffer.append"
+    audio = base64.b64decode(event["audio"])
+    if mode == "g711":
+        assert event["audio"] == payload  # passthrough: not even re-encoded
+    else:
+        assert len(audio) == 160 * 3 * 2  # 160 samples at 8 kHz -> 480 PCM16 samples at 24 kHz
+    assert p.stats.frames_in == 1
+
+
+def test_oversized_and_undecodable_frames_are_counted_and_dropped() -> None:
+    p = protocol()
+    p.receive_twilio(tw.Media(payload="A" * 5000, timestamp=None, chunk=None))
+    p.receive_twilio(tw.Media(payload="***not base64***", timestamp=None, chunk=None))
+    p.receive_twilio(tw.Malformed(reason="bad json"))
+    p.receive_twilio(tw.Unknown(event="surprise"))
+    assert p.realtime_frames_to_send() == []
+    assert p.stats.frames_dropped == {
+        "oversized": 1, "bad_base64": 1, "malformed": 1, "unknown_event": 1,
+    }
+    # ...and the call goes on: the next good frame is relayed.
+    p.receive_twilio(tw.Media(payload=ulaw_frame(), timestamp=None, chunk=None))
+    assert len(realtime_out(p)) == 1
+
+
+@pytest.mark.parametrize("mode", ["pcm16", "g711"])
+def test_model_audio_goes_to_twilio_with_a_mark_after_each_chunk(mode: str) -> None:
+    p = protocol(mode)
+    p.receive_realtime(rt.ResponseCreated(response_id="resp_1"))
+    marks = model_speaks(p, "item_1", "resp_1", chunks=3, ms=20)
+    assert len(set(marks)) == 3
+    assert p.playback.queued_ms == 60
+    for name in marks[:2]:
+        p.receive_twilio(tw.Mark(name=name))
+    assert p.playback.heard_ms("item_1") == 40
+
+
+def test_barge_in_clears_cancels_and_truncates_at_what_was_heard() -> None:
+    p = protocol()
+    p.receive_realtime(rt.ResponseCreated(response_id="resp_1"))
+    marks = model_speaks(p, "item_1", "resp_1", chunks=10, ms=40)
+    for name in marks[:4]:  # the caller has heard 160 ms
+        p.receive_twilio(tw.Mark(name=name))
+
+    p.receive_realtime(rt.SpeechStarted(audio_start_ms=900, item_id="item_user"))
+    assert [m["event"] for m in twilio_out(p)] == ["clear"]
+    events = realtime_out(p)
+    assert [e["type"] for e in events] == ["response.cancel", "conversation.item.truncate"]
+    assert events[1]["item_id"] == "item_1"
+    assert events[1]["audio_end_ms"] == 160
+    assert p.stats.barge_ins == 1
+
+    # Late audio of the cut response is dropped; marks Twilio echoes for flushed audio
+    # do not count as heard.
+    p.receive_realtime(rt.AudioDelta(item_id="item_1", response_id="resp_1",
+                                     delta_b64=pcm24_delta(40)))
+    assert p.twilio_frames_to_send() == []
+    for name in marks[4:]:
+        p.receive_twilio(tw.Mark(name=name))
+    assert p.playback.heard_ms("item_1") == 160
+
+
+def test_speech_into_silence_interrupts_nothing() -> None:
+    p = protocol()
+    p.receive_realtime(rt.SpeechStarted(audio_start_ms=0, item_id="item_user"))
+    assert p.twilio_frames_to_send() == []
+    assert p.realtime_frames_to_send() == []
+    assert p.stats.barge_ins == 0
+
+
+def test_barge_in_after_generation_finished_still_truncates_buffered_audio() -> None:
+    p = protocol("g711")
+    p.receive_realtime(rt.ResponseCreated(response_id="resp_1"))
+    marks = model_speaks(p, "item_1", "resp_1", chunks=5, ms=100)
+    p.receive_realtime(rt.ResponseDone(response_id="resp_1", status="completed", usage=None,
+                                       output=[]))
+    p.receive_twilio(tw.Mark(name=marks[0]))
+    p.receive_realtime(rt.SpeechStarted(audio_start_ms=0, item_id="item_user"))
+    assert [m["event"] for m in twilio_out(p)] == ["clear"]
+    events = realtime_out(p)
+    # No response is active, so nothing to cancel (OpenAI would answer with an error).
+    assert [e["type"] for e in events] == ["conversation.item.truncate"]
+    assert events[0]["audio_end_ms"] == 100
+
+
+def function_call(call_id: str, name: str = "capture_lead", args: str = "{}") -> rt.FunctionCallDone:
+    return rt.FunctionCallDone(call_id=call_id, name=name, arguments=args, item_id=f"it_{call_id}",
+                               response_id="resp_1")
+
+
+def test_tool_result_waits_for_the_active_response_to_finish_before_asking_for_a_reply() -> None:
+    p = protocol()
+    p.receive_realtime(rt.ResponseCreated(response_id="resp_1"))
+    p.receive_realtime(function_call("call_1"))
+    (request,) = p.tools_to_run()
+    assert request == ToolRequest("call_1", "capture_lead", "{}")
+
+    p.tool_finished(request, '{"status": "ok"}', {"status": "ok"})
+    events = realtime_out(p)
+    assert [e["type"] for e in events] == ["conversation.item.create"]
+    assert events[0]["item"] == {"type": "function_call_output", "call_id": "call_1",
+                                 "output": '{"status": "ok"}'}
+
+    p.receive_realtime(rt.ResponseDone(response_id="resp_1", status="completed",
+                                       usage={"total_tokens": 42}, output=[]))
+    assert [e["type"] for e in realtime_out(p)] == ["response.create"]
+    assert p.usage == {"total_tokens": 42}
+    assert p.tool_calls[0]["name"] == "capture_lead"
+
+
+def test_parallel_tool_calls_get_one_reply_after_the_last_result() -> None:
+    p = protocol()
+    p.receive_realtime(rt.ResponseCreated(response_id="resp_1"))
+    p.receive_realtime(function_call("call_1"))
+    p.receive_realtime(function_call("call_2", "escalate"))
+    p.receive_realtime(rt.ResponseDone(response_id="resp_1", status="completed", usage=None,
+                                       output=[]))
+    first, second = p.tools_to_run()
+    p.tool_finished(second, "{}", {})
+    assert [e["type"] for e in realtime_out(p)] == ["conversation.item.create"]
+    p.tool_finished(first, "{}", {})
+    assert [e["type"] for e in realtime_out(p)] == ["conversation.item.create", "response.create"]
+
+
+def test_hang_up_waits_for_the_goodbye_to_be_generated_and_heard() -> None:
+    p = protocol("g711")
+    p.receive_realtime(rt.ResponseCreated(response_id="resp_9"))
+    marks = model_speaks(p, "bye", "resp_9", chunks=2)
+    p.hang_up_requested = True
+    assert not p.ready_to_hang_up  # still generating
+    p.receive_realtime(rt.ResponseDone(response_id="resp_9", status="completed", usage=None,
+                                       output=[]))
+    assert not p.ready_to_hang_up  # still playing
+    p.receive_twilio(tw.Mark(name=marks[-1]))
+    assert p.ready_to_hang_up
+
+
+def test_after_end_call_no_new_reply_is_requested() -> None:
+    p = protocol()
+    p.receive_realtime(function_call("call_end", "end_call"))
+    (request,) = p.tools_to_run()
+    p.hang_up_requested = True
+    p.tool_finished(request, '{"status":"ending"}', {"status": "ending"})
+    assert [e["type"] for e in realtime_out(p)] == ["conversation.item.create"]
+
+
+def test_transcripts_of_both_sides_are_kept_in_order() -> None:
+    p = protocol()
+    p.receive_realtime(rt.OutputTranscriptDone(item_id="a1", response_id="r1",
+                                               transcript="Hi, how can I help?"))
+    p.receive_realtime(rt.InputTranscriptDone(item_id="u1", transcript="My sink leaks."))
+    p.receive_realtime(rt.InputTranscriptDone(item_id="u2", transcript=""))
+    assert [(t["role"], t["text"]) for t in p.transcript] == [
+        ("agent", "Hi, how can I help?"), ("caller", "My sink leaks."),
+    ]
+
+
+def test_stop_and_dtmf() -> None:
+    p = protocol()
+    p.receive_twilio(tw.Dtmf(digit="2"))
+    p.receive_twilio(tw.Dtmf(digit="4"))
+    assert p.dtmf_digits == "24"
+    p.receive_twilio(tw.Stop(call_sid="CA1"))
+    assert p.finished == "caller hung up"

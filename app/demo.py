@@ -9,6 +9,7 @@ store (an SQLite file by default) and the in-process Redis stand-in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from app.embedded import bind_loopback, running_server
+from app.embedded import bind_loopback, running_server, wait_until
 from app.settings import Settings
 from bridge.sim.caller import DEMO_SCRIPT, CallerScript, CallReport, place_call
 from bridge.sim.emulator import run_emulator
@@ -46,11 +47,13 @@ async def run_demo(
 ) -> DemoResult:
     """Place one simulated call through a real server; return what the stores now hold.
 
-    `pace` scales the caller and the emulator alike (1 = real time, 0 = as fast as possible).
+    `pace` scales time for the caller and the emulator alike (1 = real time, 0.25 = four
+    times faster, 0 = as fast as possible).
     """
     base = settings or Settings()
     token = base.twilio_auth_token or SecretStr(secrets.token_urlsafe(24))
-    async with run_emulator(scenario, speed=pace) as emulator:
+    speed = 0.0 if pace == 0 else 1.0 / pace  # the emulator counts speed, not time
+    async with run_emulator(scenario, speed=speed) as emulator:
         sock = bind_loopback()
         port = sock.getsockname()[1]
         configured = base.model_copy(
@@ -74,19 +77,14 @@ async def run_demo(
                 pace=pace,
                 record_wav=record_wav,
             )
-            await _until_calls_end(services, timeout_s=10.0)
+            with contextlib.suppress(TimeoutError):  # a stuck call still gets reported
+                await wait_until(lambda: not services.calls, timeout_s=10.0)
             return DemoResult(
                 report=report,
                 call=await _call_row(services, report.call_sid),
                 leads=await _leads_since(services, profile.id, started),
                 audit=await _audit_rows(services, report.call_sid),
             )
-
-
-async def _until_calls_end(services: Any, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while services.calls and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
 
 
 async def _call_row(services: Any, call_sid: str) -> dict[str, Any] | None:
@@ -148,7 +146,8 @@ def print_result(result: DemoResult, echo: Callable[[str], None] = print) -> Non
         echo(f"  {who}: {turn.get('text')}")
     echo("\nTool calls:")
     for tool_call in call.get("tool_calls") or []:
-        echo(f"  {tool_call.get('name')}({tool_call.get('arguments')}) -> {tool_call.get('status')}")
+        name, arguments = tool_call.get("name"), tool_call.get("arguments")
+        echo(f"  {name}({arguments}) -> {tool_call.get('status')}")
     echo("\nAudit trail:")
     for row in result.audit:
         echo(f"  {row.get('tool')}: {row.get('outcome')}")

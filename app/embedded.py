@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -60,3 +60,15 @@ async def running_server(
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, timeout=10)
         sock.close()
+
+
+async def wait_until(
+    condition: Callable[[], object], timeout_s: float, poll_s: float = 0.02
+) -> None:
+    """Wait, bounded, for state owned by other tasks that offer no event to wait on.
+
+    Raises TimeoutError if `condition()` is still false after `timeout_s`.
+    """
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - the state has no event; polling is bounded
+            await asyncio.sleep(poll_s)

@@ -19,7 +19,8 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    # Empty values count as unset: `PROFILES_FILE=` in a .env must not mean the current folder.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_ignore_empty=True)
 
     # -- the public face ---------------------------------------------------------------
     public_url: str = Field(
@@ -77,7 +78,7 @@ class Settings(BaseSettings):
 
     @property
     def media_stream_url(self) -> str:
-        """The wss:// URL Twilio opens for the media stream (path segments survive, queries don't)."""
+        """The wss:// URL Twilio opens for the media stream (paths survive, queries don't)."""
         base = self.public_url.rstrip("/")
         if base.startswith("https://"):
             base = "wss://" + base.removeprefix("https://")

@@ -102,14 +102,16 @@ class CallSession:
             max_frame_bytes=setup.max_frame_bytes,
         )
         self._tool_tasks: set[asyncio.Task[None]] = set()
-        self._hang_up: asyncio.Event = asyncio.Event()
+        self._hang_up_asked = asyncio.Event()
+        self._goodbye_heard = asyncio.Event()
         self._started = time.time()
         tool_ctx.call = self
 
     # -- CallControl (what tools may do to the call) -----------------------------------------
     async def hang_up(self) -> None:
         self.protocol.hang_up_requested = True
-        self._hang_up.set()
+        self._hang_up_asked.set()
+        self._note_progress()
 
     async def transfer(self, number: str) -> None:
         # Bridging to a person needs Twilio's REST API (redirect the live call to <Dial>);
@@ -183,6 +185,8 @@ class CallSession:
             protocol.receive_twilio(event)
             for out in protocol.realtime_frames_to_send():
                 await send(out)
+            if protocol.hang_up_requested:
+                self._note_progress()
             if type(event) is tw.Dtmf:
                 await self._check_operator_pin()
             elif type(event) is tw.Stop:
@@ -200,6 +204,8 @@ class CallSession:
             kind = type(event)
             if kind is rt.AudioDelta:
                 continue
+            if protocol.hang_up_requested:
+                self._note_progress()
             if kind is rt.FunctionCallDone:
                 for request in protocol.tools_to_run():
                     self._start_tool(request)
@@ -236,6 +242,7 @@ class CallSession:
             result = {"status": "error", "error": "timeout"}
         output = orjson.dumps(result, default=str).decode()
         self.protocol.tool_finished(request, output, result)
+        self._note_progress()
         await self._flush_realtime()
 
     async def _flush_realtime(self) -> None:
@@ -260,12 +267,15 @@ class CallSession:
         )
         await self._flush_realtime()
 
+    def _note_progress(self) -> None:
+        if self.protocol.ready_to_hang_up:
+            self._goodbye_heard.set()
+
     async def _hang_up_when_heard(self) -> str:
-        await self._hang_up.wait()
-        deadline = time.monotonic() + self.setup.end_call_grace_s
-        # Poll, not per-frame notification: this runs once per call, the hot path stays clean.
-        while not self.protocol.ready_to_hang_up and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self._hang_up_asked.wait()
+        # The goodbye may still be generating or playing; give it a bounded time to finish.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._goodbye_heard.wait(), self.setup.end_call_grace_s)
         return "agent ended the call"
 
     async def _close_sockets(self) -> None:

@@ -65,6 +65,7 @@ class CallProtocol:
         self.playback = Playback()
 
         self.active_response: str | None = None
+        self._speaking: tuple[str, str] | None = None  # (response, item) of the latest audio
         self._cut_responses: set[str] = set()
         self._cut_items: set[str] = set()
         self._tools_running: dict[str, str] = {}
@@ -188,14 +189,21 @@ class CallProtocol:
                 return
             nbytes = len(ulaw)
             payload = base64.b64encode(ulaw).decode("ascii")
+        self._speaking = (event.response_id, event.item_id)
         mark = self.playback.sent(event.item_id, nbytes)
         self._to_twilio.append(tw.media_frame(self.stream_sid, payload))
         self._to_twilio.append(tw.mark_frame(self.stream_sid, mark))
         self.stats.frames_out += 1
 
     def _barge_in(self) -> None:
-        item = self.playback.playing_item
         responding = self.active_response is not None
+        item = self.playback.playing_item
+        if item is None and responding and self._speaking is not None:
+            # Generation at real-time pace can leave Twilio's queue empty between chunks:
+            # the item being spoken is still the one to cut.
+            response, speaking_item = self._speaking
+            if response == self.active_response:
+                item = speaking_item
         if item is None and not responding:
             return  # the caller spoke into silence: nothing to interrupt
         self.stats.barge_ins += 1

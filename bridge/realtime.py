@@ -39,7 +39,10 @@ DEFAULT_TURN_DETECTION: dict[str, Any] = {
     "prefix_padding_ms": 300,
     "silence_duration_ms": 500,
     "create_response": True,
-    "interrupt_response": True,
+    # The bridge owns barge-in: it knows what the caller actually heard (marks), clears
+    # Twilio's buffer, cancels and truncates in one place. Letting the server cancel too would
+    # race our response.cancel into a `response_cancel_not_active` error.
+    "interrupt_response": False,
 }
 
 # Audio deltas are forwarded verbatim inside Twilio JSON in g711 mode, so they must be

@@ -451,3 +451,15 @@ async def test_realtime_credentials(
         assert services.openai_api_key == expected
     finally:
         await services.close()
+
+
+async def test_drain_gives_up_after_its_timeout(sqlite_url: str) -> None:
+    services = await open_services(make_settings(sqlite_url))
+    try:
+        services.calls["CA-stuck"] = object()  # type: ignore[assignment]
+        assert await services.drain(timeout_s=0.05) is False
+        assert services.draining
+        del services.calls["CA-stuck"]
+        assert await services.drain(timeout_s=5) is True
+    finally:
+        await services.close()

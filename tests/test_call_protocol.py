@@ -59,7 +59,10 @@ def model_speaks(p: CallProtocol, item: str, response: str, chunks: int, ms: int
 def test_session_start_configures_then_asks_for_a_greeting() -> None:
     p = protocol()
     update = rt.session_update(
-        instructions="Be brief.", tools=[], audio_mode="pcm16", voice="marin",
+        instructions="Be brief.",
+        tools=[],
+        audio_mode="pcm16",
+        voice="marin",
         transcription_model="gpt-4o-mini-transcribe",
     )
     p.start_session(update, "Hello from Acme")
@@ -91,7 +94,10 @@ def test_oversized_and_undecodable_frames_are_counted_and_dropped() -> None:
     p.receive_twilio(tw.Unknown(event="surprise"))
     assert p.realtime_frames_to_send() == []
     assert p.stats.frames_dropped == {
-        "oversized": 1, "bad_base64": 1, "malformed": 1, "unknown_event": 1,
+        "oversized": 1,
+        "bad_base64": 1,
+        "malformed": 1,
+        "unknown_event": 1,
     }
     # ...and the call goes on: the next good frame is relayed.
     p.receive_twilio(tw.Media(payload=ulaw_frame(), timestamp=None, chunk=None))
@@ -127,8 +133,9 @@ def test_barge_in_clears_cancels_and_truncates_at_what_was_heard() -> None:
 
     # Late audio of the cut response is dropped; marks Twilio echoes for flushed audio
     # do not count as heard.
-    p.receive_realtime(rt.AudioDelta(item_id="item_1", response_id="resp_1",
-                                     delta_b64=pcm24_delta(40)))
+    p.receive_realtime(
+        rt.AudioDelta(item_id="item_1", response_id="resp_1", delta_b64=pcm24_delta(40))
+    )
     assert p.twilio_frames_to_send() == []
     for name in marks[4:]:
         p.receive_twilio(tw.Mark(name=name))
@@ -147,8 +154,9 @@ def test_barge_in_after_generation_finished_still_truncates_buffered_audio() -> 
     p = protocol("g711")
     p.receive_realtime(rt.ResponseCreated(response_id="resp_1"))
     marks = model_speaks(p, "item_1", "resp_1", chunks=5, ms=100)
-    p.receive_realtime(rt.ResponseDone(response_id="resp_1", status="completed", usage=None,
-                                       output=[]))
+    p.receive_realtime(
+        rt.ResponseDone(response_id="resp_1", status="completed", usage=None, output=[])
+    )
     p.receive_twilio(tw.Mark(name=marks[0]))
     p.receive_realtime(rt.SpeechStarted(audio_start_ms=0, item_id="item_user"))
     assert [m["event"] for m in twilio_out(p)] == ["clear"]
@@ -158,9 +166,12 @@ def test_barge_in_after_generation_finished_still_truncates_buffered_audio() -> 
     assert events[0]["audio_end_ms"] == 100
 
 
-def function_call(call_id: str, name: str = "capture_lead", args: str = "{}") -> rt.FunctionCallDone:
-    return rt.FunctionCallDone(call_id=call_id, name=name, arguments=args, item_id=f"it_{call_id}",
-                               response_id="resp_1")
+def function_call(
+    call_id: str, name: str = "capture_lead", args: str = "{}"
+) -> rt.FunctionCallDone:
+    return rt.FunctionCallDone(
+        call_id=call_id, name=name, arguments=args, item_id=f"it_{call_id}", response_id="resp_1"
+    )
 
 
 def test_tool_result_waits_for_the_active_response_to_finish_before_asking_for_a_reply() -> None:
@@ -173,11 +184,17 @@ def test_tool_result_waits_for_the_active_response_to_finish_before_asking_for_a
     p.tool_finished(request, '{"status": "ok"}', {"status": "ok"})
     events = realtime_out(p)
     assert [e["type"] for e in events] == ["conversation.item.create"]
-    assert events[0]["item"] == {"type": "function_call_output", "call_id": "call_1",
-                                 "output": '{"status": "ok"}'}
+    assert events[0]["item"] == {
+        "type": "function_call_output",
+        "call_id": "call_1",
+        "output": '{"status": "ok"}',
+    }
 
-    p.receive_realtime(rt.ResponseDone(response_id="resp_1", status="completed",
-                                       usage={"total_tokens": 42}, output=[]))
+    p.receive_realtime(
+        rt.ResponseDone(
+            response_id="resp_1", status="completed", usage={"total_tokens": 42}, output=[]
+        )
+    )
     assert [e["type"] for e in realtime_out(p)] == ["response.create"]
     assert p.usage == {"total_tokens": 42}
     assert p.tool_calls[0]["name"] == "capture_lead"
@@ -188,8 +205,9 @@ def test_parallel_tool_calls_get_one_reply_after_the_last_result() -> None:
     p.receive_realtime(rt.ResponseCreated(response_id="resp_1"))
     p.receive_realtime(function_call("call_1"))
     p.receive_realtime(function_call("call_2", "escalate"))
-    p.receive_realtime(rt.ResponseDone(response_id="resp_1", status="completed", usage=None,
-                                       output=[]))
+    p.receive_realtime(
+        rt.ResponseDone(response_id="resp_1", status="completed", usage=None, output=[])
+    )
     first, second = p.tools_to_run()
     p.tool_finished(second, "{}", {})
     assert [e["type"] for e in realtime_out(p)] == ["conversation.item.create"]
@@ -203,8 +221,9 @@ def test_hang_up_waits_for_the_goodbye_to_be_generated_and_heard() -> None:
     marks = model_speaks(p, "bye", "resp_9", chunks=2)
     p.hang_up_requested = True
     assert not p.ready_to_hang_up  # still generating
-    p.receive_realtime(rt.ResponseDone(response_id="resp_9", status="completed", usage=None,
-                                       output=[]))
+    p.receive_realtime(
+        rt.ResponseDone(response_id="resp_9", status="completed", usage=None, output=[])
+    )
     assert not p.ready_to_hang_up  # still playing
     p.receive_twilio(tw.Mark(name=marks[-1]))
     assert p.ready_to_hang_up
@@ -221,12 +240,14 @@ def test_after_end_call_no_new_reply_is_requested() -> None:
 
 def test_transcripts_of_both_sides_are_kept_in_order() -> None:
     p = protocol()
-    p.receive_realtime(rt.OutputTranscriptDone(item_id="a1", response_id="r1",
-                                               transcript="Hi, how can I help?"))
+    p.receive_realtime(
+        rt.OutputTranscriptDone(item_id="a1", response_id="r1", transcript="Hi, how can I help?")
+    )
     p.receive_realtime(rt.InputTranscriptDone(item_id="u1", transcript="My sink leaks."))
     p.receive_realtime(rt.InputTranscriptDone(item_id="u2", transcript=""))
     assert [(t["role"], t["text"]) for t in p.transcript] == [
-        ("agent", "Hi, how can I help?"), ("caller", "My sink leaks."),
+        ("agent", "Hi, how can I help?"),
+        ("caller", "My sink leaks."),
     ]
 
 
@@ -237,3 +258,16 @@ def test_stop_and_dtmf() -> None:
     assert p.dtmf_digits == "24"
     p.receive_twilio(tw.Stop(call_sid="CA1"))
     assert p.finished == "caller hung up"
+
+
+def test_barge_in_between_chunks_still_truncates_the_item_being_spoken() -> None:
+    p = protocol("g711")
+    p.receive_realtime(rt.ResponseCreated(response_id="resp_1"))
+    for name in model_speaks(p, "item_1", "resp_1", chunks=3, ms=40):
+        p.receive_twilio(tw.Mark(name=name))  # played as fast as it arrives: queue empty
+    assert p.playback.playing_item is None
+    p.receive_realtime(rt.SpeechStarted(audio_start_ms=0, item_id="item_user"))
+    assert [m["event"] for m in twilio_out(p)] == ["clear"]
+    events = realtime_out(p)
+    assert [e["type"] for e in events] == ["response.cancel", "conversation.item.truncate"]
+    assert (events[1]["item_id"], events[1]["audio_end_ms"]) == ("item_1", 120)

@@ -35,6 +35,7 @@ from tools.context import ToolContext
 from tools.conversation import ConversationLog
 from tools.db.models import (
     Activity,
+    AvailabilityRule,
     BlockedDate,
     Booking,
     Call,
@@ -835,6 +836,31 @@ async def test_blocking_days_and_availability(crm: tuple[ToolContext, Seeded]) -
     sunday = day + timedelta(days=6 - day.weekday())
     closed = (await call(ctx, "get_availability", day=sunday.isoformat(), days=1))["days"][0]
     assert closed["open"] is False and closed["why"] == "closed"
+
+    # Availability rules replace the opening hours on their weekday (here: a lunch break).
+    weekday = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[day.weekday()]
+    async with tenant_session(ctx.db, ACME.id) as s:
+        s.add_all(
+            [
+                AvailabilityRule(weekday=weekday, opens=time(13), closes=time(15)),
+                AvailabilityRule(weekday=weekday, opens=time(10), closes=time(12)),
+                AvailabilityRule(weekday="sun", opens=time(10), closes=time(11)),
+            ]
+        )
+        await s.commit()
+    entry = (await call(ctx, "get_availability", day=day.isoformat(), days=1, per_day=12))["days"][
+        0
+    ]
+    assert [s["iso"][11:16] for s in entry["slots"]] == [
+        "10:00",
+        "10:30",
+        "11:00",
+        "13:00",
+        "13:30",
+        "14:00",
+    ]
+    sunday_rule = (await call(ctx, "get_availability", day=sunday.isoformat(), days=1))["days"]
+    assert [s["spoken"][-5:] for s in sunday_rule[0]["slots"]] == ["10 AM"]
 
 
 # -- pipeline --------------------------------------------------------------------------------

@@ -519,14 +519,9 @@ async def test_book_appointment_stores_utc_and_links_the_contact(db: Db, fake_kv
     # Booking the same thing again changes nothing.
     again = await run("book_appointment", _booking_args(monday, "14:30"), ctx)
     assert again["status"] == "unchanged"
-    # An explicit offset is honoured: 20:30 UTC is 14:30 or 15:30 in Chicago.
-    utc_args = _booking_args(monday, "20:30+00:00", phone="555-555-0143")
-    converted = await run("book_appointment", utc_args, ctx)
-    local = datetime.combine(monday, time(20, 30), tzinfo=UTC).astimezone(SMILES_ZONE)
-    if local.time() == time(14, 30):
-        assert converted["status"] == "error" and "taken" in converted["message"]
-    else:
-        assert converted["status"] == "ok"
+    # Times are the business's wall clock: an offset would be read out wrongly, so it is refused.
+    with pytest.raises(ValidationError, match="local time"):
+        await run("book_appointment", _booking_args(monday, "20:30+00:00"), ctx)
 
 
 async def test_book_appointment_refuses_impossible_times(db: Db, fake_kv: Any) -> None:

@@ -7,6 +7,7 @@ Every event the emulator sends in every test is validated against the openai SDK
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from bridge.sim.emulator import (
     EnergyVad,
     SessionRecord,
     run_emulator,
+    serve,
     threshold_rms,
 )
 from bridge.sim.scenario import (
@@ -45,6 +47,7 @@ from bridge.sim.scenario import (
     wait_ms,
 )
 from tests.sdk_oracle import assert_valid_client_event, assert_valid_server_event
+from tests.servers import free_port
 
 PCMU_SESSION: dict[str, Any] = {
     "type": "session.update",
@@ -1045,3 +1048,30 @@ async def test_echo_server_without_records() -> None:
                     echoed.append(event["delta"])
             assert echoed == frames
         assert emu.sessions == [] and emu.connections == 1
+
+
+async def test_serve_runs_until_cancelled() -> None:
+    port = free_port()
+    server = asyncio.create_task(serve("127.0.0.1", port, "barge_in", False, speed=0))
+    url = f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-realtime"
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    ws = await connect(url, additional_headers={"Authorization": "Bearer k"})
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+        async with ws:
+            created = orjson.loads(await ws.recv())
+            assert_valid_server_event(created)
+            await ws.send('{"type":"response.create"}')
+            spoken = []
+            while (event := orjson.loads(await ws.recv()))["type"] != "response.done":
+                if event["type"] == "response.output_audio_transcript.done":
+                    spoken.append(event["transcript"])
+            assert spoken == [BUILTINS["barge_in"].steps[0].text]
+    finally:
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server

@@ -755,41 +755,52 @@ class Model:
         return (yes_high if proposal.risk == "high" else yes_medium) and not refused
 
 
-PROPOSE = st.tuples(st.just("propose"), st.sampled_from(["medium", "high"]))
-SAY = st.tuples(
-    st.just("say"), st.sampled_from(list(CONVERSATIONS)), st.sampled_from(list(REPLIES))
-)
-CONFIRM = st.tuples(st.just("confirm"), st.integers(0, 5), st.sampled_from(list(CONVERSATIONS)))
 # A conversation that mostly proposes, talks and confirms, with the odd cancellation, expiry,
 # untranscribed audio ("mumble", transcribed later or never) and made-up confirmation id.
-OPS = st.lists(
-    st.one_of(
-        PROPOSE,
-        SAY,
-        CONFIRM,
-        PROPOSE,
-        SAY,
-        CONFIRM,
-        SAY,
-        CONFIRM,
-        st.tuples(st.just("mumble")),
-        st.tuples(st.just("transcribe"), st.sampled_from(list(REPLIES))),
-        st.tuples(st.just("cancel"), st.integers(0, 5), st.sampled_from(list(CONVERSATIONS))),
-        st.tuples(st.just("expire"), st.integers(0, 5)),
-        st.tuples(st.just("confirm_unknown")),
-    ),
-    min_size=3,
-    max_size=30,
+# Repeats weight the choice.
+KINDS = (
+    ["propose"] * 3
+    + ["say"] * 4
+    + ["confirm"] * 3
+    + ["agree"] * 2
+    + ["mumble", "transcribe", "cancel", "expire", "confirm_unknown"]
 )
+SPEAKERS = ["call", "call", "sms", "stranger"]
+AGREEMENTS = [text for text, (yes, _, _) in REPLIES.items() if yes]
+
+
+@st.composite
+def conversation_ops(draw: st.DrawFn) -> list[tuple[Any, ...]]:
+    ops: list[tuple[Any, ...]] = []
+    for _ in range(draw(st.integers(3, 30))):
+        kind = draw(st.sampled_from(KINDS))
+        if kind == "propose":
+            ops.append((kind, draw(st.sampled_from(["medium", "high"]))))
+        elif kind == "say":
+            conversation = draw(st.sampled_from(SPEAKERS))
+            ops.append((kind, conversation, draw(st.sampled_from(list(REPLIES)))))
+        elif kind == "agree":  # a yes, then the model confirms the newest proposal
+            conversation = draw(st.sampled_from(SPEAKERS))
+            ops.append(("say", conversation, draw(st.sampled_from(AGREEMENTS))))
+            ops.append(("confirm", -1, conversation))
+        elif kind == "transcribe":
+            ops.append((kind, draw(st.sampled_from(list(REPLIES)))))
+        elif kind in ("confirm", "cancel"):
+            ops.append((kind, draw(st.integers(0, 5)), draw(st.sampled_from(SPEAKERS))))
+        elif kind == "expire":
+            ops.append((kind, draw(st.integers(0, 5))))
+        else:
+            ops.append((kind,))
+    return ops
 
 
 @pytest.mark.parametrize("backend", ["fake", "real"])
 @settings(
-    max_examples=60,
+    max_examples=80,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(ops=OPS)
+@given(ops=conversation_ops())
 async def test_protocol_under_random_conversations(
     backend: str, request: pytest.FixtureRequest, db: Db, ops: list[tuple[Any, ...]]
 ) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import numpy as np
 import orjson
 import pytest
 import uvicorn
@@ -45,6 +46,7 @@ from bridge.sim.caller import (
     speak,
     wait_for_agent,
 )
+from bridge.sim.wav import read_wav, read_wav_as_ulaw, write_wav
 
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 TO, FROM = "+15005550006", "+15551230142"
@@ -454,3 +456,64 @@ def test_parse_twiml_reads_stream_and_parameters() -> None:
 def test_bad_script_steps_are_refused(make: Callable[[], object]) -> None:
     with pytest.raises(ValueError):
         make()
+
+
+async def test_speaking_a_wav_file_sends_its_audio_as_phone_frames(tmp_path: Path) -> None:
+    utterance, pcm24 = voice.synthesize("hello from a file", "audio/pcm")
+    path = tmp_path / "hello.wav"
+    write_wav(path, pcm24, rate=24_000)
+
+    async def behaviour(peer: Peer) -> None:
+        await peer.until_stop()
+
+    async with serving(FakeServer(behaviour)) as server:
+        await call(server, CallerScript("t", (speak(path), hang_up())), pace=0)
+    sent = b"".join(
+        base64.b64decode(f["media"]["payload"]) for f in server.frames if f["event"] == "media"
+    )
+    expected = read_wav_as_ulaw(path)
+    assert len(expected) == utterance.duration_ms * 8
+    assert sent.startswith(expected)
+    assert set(sent[len(expected) :]) == {0xFF}  # then the line is silent
+    # the words survive the trip to the phone band: each is still its own tone
+    samples = voice.decode_to_pcm16(expected, "audio/pcmu")
+    for segment in utterance.segments:
+        window = samples[segment.start_ms * 8 + 80 : segment.end_ms * 8 - 80]
+        assert voice.nearest_segment_index(voice.dominant_frequency(window, 8000)) == segment.index
+
+
+def test_read_wav_mixes_stereo_to_mono_and_rejects_non_wav(tmp_path: Path) -> None:
+    path = tmp_path / "stereo.wav"
+    left, right = np.full(800, 1000, dtype="<i2"), np.full(800, 3000, dtype="<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(2)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(np.column_stack((left, right)).tobytes())
+    pcm, rate = read_wav(path)
+    assert rate == 8000
+    assert set(np.frombuffer(pcm, dtype="<i2").tolist()) == {2000}
+    bogus = tmp_path / "bogus.wav"
+    bogus.write_bytes(b"not a wav file at all")
+    with pytest.raises(ValueError, match="not a PCM WAV"):
+        read_wav(bogus)
+
+
+async def test_a_query_string_on_the_stream_url_is_a_violation_and_dropped() -> None:
+    queries: list[str] = []
+
+    async def behaviour(peer: Peer) -> None:
+        queries.append(peer.ws.url.query)
+        await peer.until_stop()
+
+    target = FakeServer(behaviour)
+    async with serving(target) as server:
+        ws_url = server.url.replace("http://", "ws://") + "/media-stream?token=abc"
+        reply = VoiceResponse()
+        connect = Connect()
+        connect.stream(url=ws_url)
+        reply.append(connect)
+        server.twiml = str(reply)
+        report = await call(server, CallerScript("t", (hang_up(),)), pace=0)
+    assert queries == [""]
+    assert len(report.violations) == 1 and "query string" in report.violations[0]

@@ -15,7 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tools.db.engine import async_url, downgrade, make_engine, make_sessionmaker, migrate
 from tools.db.models import Base, Booking, Call, CallEvent, Contact, Lead, Message, Opportunity
 from tools.db.tenancy import tenant_session
-from tools.records import CallRecord, record_call_status, save_call, save_message
+from tools.records import (
+    CallRecord,
+    record_call_status,
+    record_message_status,
+    save_call,
+    save_message,
+)
 
 
 def _schema_diff(connection: Connection) -> list[object]:
@@ -261,3 +267,45 @@ async def test_save_message_dedupes_by_sid_and_updates_status(
     assert len(rows) == 1
     assert rows[0].conversation_id == "sms:t1:+15550001111"
     assert rows[0].media[0]["content_type"] == "image/jpeg"
+
+
+async def test_status_callback_before_the_bridge_saves_the_call(
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    done = _status_form("completed", "3", CallDuration="95", Direction="outbound-api")
+    done["Timestamp"] = "Tue, 01 Jan 2030 15:05:00 +0000"
+    assert await record_call_status(db, "t1", done) is True
+    # The bridge's own record arrives later; it fills in the conversation but the terminal
+    # status and Twilio's billed duration stay.
+    await save_call(db, _record(status="in-progress"))
+    async with tenant_session(db, "t1") as session:
+        call = (await session.scalars(select(Call))).one()
+    assert call.direction == "inbound"  # the bridge knows best what it answered
+    assert call.status == "completed"
+    assert call.duration_s == 95.0
+    assert call.ended_at == datetime(2030, 1, 1, 15, 3, 30, tzinfo=UTC)
+    assert call.transcript[0]["text"] == "hi"
+
+
+async def test_message_status_moves_forward_only(db: async_sessionmaker[AsyncSession]) -> None:
+    sid = "SM" + "b" * 32
+    await save_message(
+        db,
+        "t1",
+        direction="outbound",
+        from_number="+15005550006",
+        to_number="+15550001111",
+        body="Your link",
+        message_sid=sid,
+        status="queued",
+        reason="photo_link",
+    )
+    form = {"MessageSid": sid, "MessageStatus": "delivered"}
+    assert await record_message_status(db, "t1", form) is True
+    assert await record_message_status(db, "t1", {**form, "MessageStatus": "sent"}) is False
+    assert await record_message_status(db, "t2", form) is False  # another tenant's message
+    unknown = {"MessageSid": "SM" + "c" * 32, "MessageStatus": "failed", "ErrorCode": "30003"}
+    assert await record_message_status(db, None, unknown) is False
+    async with tenant_session(db, "t1") as session:
+        message = (await session.scalars(select(Message))).one()
+    assert (message.status, message.conversation_id) == ("delivered", "sms:t1:+15550001111")

@@ -22,9 +22,12 @@ What counts as a yes (`judge_reply`), checked in this order on one reply:
 1. Refusal: any negation word ("no", "not", "nope", "never", "stop", "wrong", any "...n't",
    "nevermind", "forget"...) makes the reply `negated`, whatever else it says: "yes... actually
    no" is a no, and so are idioms like "no problem" (the caller is simply asked again).
+   "Cancel" is a refusal too ("ok, cancel that"), unless the proposal itself is a
+   cancellation (a "cancel..." word in the tool's name or the summary).
 2. Hesitation: a question mark, a question word ("what", "when"...), a pause or condition
    ("wait", "hold on", "hmm", "actually", "but", "maybe", "if", "later", "instead", "also"...)
-   or a number that is not in the proposal's summary makes it `hesitant`.
+   or a number makes it `hesitant`, unless that word or number is in the proposal's summary
+   ("yes, after 2" to "...after 2 PM" is fine; "yes, at 4" to "...at 3 PM" is not).
 3. There must be an affirmation ("yes", "yeah", "ok", "sure", "go ahead", "sounds good",
    "confirm", "👍"...) and little else: more than two words that are neither affirmation,
    filler, polite padding nor words of the proposal itself make it `unclear`.
@@ -234,111 +237,34 @@ _HESITATIONS = frozenset(
     when where which who whom whose kind sort depends except only until before after first
     """.split()
 )
-# Phrases, longest first when matched. Everything here is an affirmation; the sets below say
-# which ones are also explicit on their own or count as a commitment for high-risk actions.
-_AFFIRMATIONS: tuple[tuple[str, ...], ...] = tuple(
-    sorted(
-        (
-            tuple(p.split())
-            for p in (
-                "yes",
-                "yeah",
-                "yea",
-                "yep",
-                "yup",
-                "ya",
-                "yah",
-                "yas",
-                "aye",
-                "sure",
-                "ok",
-                "okay",
-                "okey",
-                "okie",
-                "k",
-                "kk",
-                "alright",
-                "all right",
-                "fine",
-                "correct",
-                "absolutely",
-                "definitely",
-                "certainly",
-                "indeed",
-                "perfect",
-                "great",
-                "excellent",
-                "exactly",
-                "affirmative",
-                "confirm",
-                "confirmed",
-                "i confirm",
-                "agreed",
-                "agree",
-                "i agree",
-                "deal",
-                "please",
-                "please do",
-                "proceed",
-                "uhhuh",
-                "uh huh",
-                "mhm",
-                "mmhm",
-                "mmhmm",
-                "mm hmm",
-                "of course",
-                "go ahead",
-                "go for it",
-                "do it",
-                "do that",
-                "lets do it",
-                "sounds good",
-                "sounds great",
-                "sounds perfect",
-                "thats right",
-                "that is right",
-                "thats correct",
-                "that is correct",
-                "that works",
-                "works for me",
-                "im sure",
-                "i am sure",
-                "im certain",
-                "i am certain",
-                "for sure",
-            )
-        ),
-        key=len,
-        reverse=True,
-    )
+
+
+def _phrases(text: str) -> frozenset[tuple[str, ...]]:
+    """Comma-separated phrases, each as a tuple of words."""
+    return frozenset(tuple(p.split()) for p in text.split(",") if p.strip())
+
+
+# Everything here is an affirmation; the two sets after it say which ones are explicit on
+# their own, and which count as a commitment for high-risk actions.
+_AFFIRMATION_SET = _phrases(
+    """
+    yes, yeah, yea, yep, yup, ya, yah, yas, aye, sure, ok, okay, okey, okie, k, kk, alright,
+    all right, fine, correct, absolutely, definitely, certainly, indeed, perfect, great,
+    excellent, exactly, affirmative, confirm, confirmed, i confirm, agreed, agree, i agree, deal,
+    please, please do, proceed, uhhuh, uh huh, mhm, mmhm, mmhmm, mm hmm, of course, go ahead,
+    go for it, do it, do that, lets do it, sounds good, sounds great, sounds perfect,
+    thats right, that is right, thats correct, that is correct, that works, works for me,
+    im sure, i am sure, im certain, i am certain, for sure
+    """
 )
-_CONFIRM_WORDS = frozenset(
-    tuple(p.split()) for p in ("confirm", "confirmed", "i confirm", "affirmative")
-)
-_COMMITMENTS = frozenset(
-    tuple(p.split())
-    for p in (
-        "go ahead",
-        "go for it",
-        "do it",
-        "do that",
-        "lets do it",
-        "please do",
-        "proceed",
-        "im sure",
-        "i am sure",
-        "im certain",
-        "i am certain",
-        "for sure",
-        "absolutely",
-        "definitely",
-        "certainly",
-        "of course",
-        "thats right",
-        "that is right",
-        "thats correct",
-        "that is correct",
-    )
+_AFFIRMATIONS = sorted(_AFFIRMATION_SET, key=len, reverse=True)  # longest match first
+_CONFIRM_WORDS = _phrases("confirm, confirmed, i confirm, affirmative")
+_COMMITMENTS = _phrases(
+    """
+    go ahead, go for it, do it, do that, lets do it, please do, proceed, im sure, i am sure,
+    im certain, i am certain, for sure, absolutely, definitely, certainly, of course,
+    thats right, that is right, thats correct, that is correct
+    """
 )
 # Verbs that name an action ("yes, cancel it"); words of the tool's name count too.
 _ACTION_VERBS = frozenset(

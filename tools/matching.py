@@ -1,7 +1,7 @@
 """Which record did the caller mean? Fuzzy resolution of spoken references to CRM rows.
 
-Callers name things the way people talk ("the Johnson job", "Mike", "five five five oh one four
-two"), and speech-to-text misspells names. A tool that takes a person, company or deal accepts
+Callers name things the way people talk ("the Johnson job", "Mike", "555-0142"), and
+speech-to-text misspells names. A tool that takes a person, company or deal accepts
 either an id from an earlier result or such a reference; this module decides whether it names
 exactly one row, several rows equally well (the model must ask which one), or none (the model
 offers the closest suggestions).

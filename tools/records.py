@@ -101,30 +101,34 @@ async def record_call_status(
     status = (form.get("CallStatus") or form.get("StreamEvent") or "").strip()
     if not call_sid or not status:
         raise ValueError("status callback needs CallSid and CallStatus (or StreamEvent)")
-    event = CallEvent(
-        tenant=tenant,
-        call_sid=call_sid,
-        status=status,
-        sequence_number=_int_or(form.get("SequenceNumber"), -1),
-        raw=dict(form),
-    )
-    session_scope = tenant_session(db, tenant) if tenant else db()
-    async with session_scope as session:
-        session.add(event)
-        try:
-            await session.flush()
-        except IntegrityError:
-            await session.rollback()
-            return False
-        if tenant and "CallStatus" in form:
-            await _apply_call_status(session, call_sid, status, form)
-        try:
-            await session.commit()
-        except IntegrityError:
-            # The same callback, delivered twice at once: the other request stored it.
-            await session.rollback()
-            return False
-    return True
+    for attempt in range(2):
+        event = CallEvent(
+            tenant=tenant,
+            call_sid=call_sid,
+            status=status,
+            sequence_number=_int_or(form.get("SequenceNumber"), -1),
+            raw=dict(form),
+        )
+        session_scope = tenant_session(db, tenant) if tenant else db()
+        async with session_scope as session:
+            session.add(event)
+            try:
+                await session.flush()
+            except IntegrityError:
+                await session.rollback()
+                return False
+            if tenant and "CallStatus" in form:
+                await _apply_call_status(session, call_sid, status, form)
+            try:
+                await session.commit()
+                return True
+            except IntegrityError:
+                # Either the same callback was stored by a parallel request (the retry then
+                # finds it and reports a duplicate) or save_call created the call row first.
+                await session.rollback()
+                if attempt:
+                    raise
+    raise AssertionError("unreachable")
 
 
 async def _apply_call_status(

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
@@ -302,7 +303,8 @@ async def _confirm(confirmation_id: str, ctx: ToolContext) -> _Outcome:
 
 def _stored_arguments(tool: Tool, action: PendingAction, detail: dict[str, Any]) -> BaseModel:
     try:
-        return tool.args.model_validate(action.arguments)
+        # Back through JSON, the form they were proposed in, so strict fields validate alike.
+        return tool.args.model_validate_json(orjson.dumps(action.arguments))
     except ValidationError:
         # Only if the tool's arguments changed between proposal and confirmation (a deploy).
         log.exception("confirmation %s: stored arguments no longer valid", action.id)

@@ -45,6 +45,7 @@ SILENCE_BYTE = 0xFF  # mu-law zero
 SILENCE_FRAME = bytes([SILENCE_BYTE]) * FRAME_BYTES
 DTMF_GAP_MS = 100  # line silence after each key press
 FAST_SPEECH_TAIL_MS = 1000  # pace 0: the silence a real line would carry after speech
+AGENT_PAUSE_MS = 300  # playback idle this long ends an agent utterance (in the timeline)
 API_VERSION = "2010-04-01"
 
 
@@ -372,19 +373,17 @@ def _reachable_stream_url(stream_url: str, server_url: str, public_url: str) -> 
     """Where to connect: the TwiML's URL, moved from the public origin to `server_url`.
 
     Behind a tunnel or proxy the TwiML names the public host; a local test caller reaches the
-    same server directly.
+    same server directly. Like Twilio, it leaves any query string out.
     """
     public = urlsplit(_websocket_form(public_url))
     target = urlsplit(stream_url)
     if (target.scheme, target.netloc) != (public.scheme, public.netloc):
-        return stream_url
+        return urlunsplit(target._replace(query="", fragment=""))  # Twilio drops queries
     server = urlsplit(_websocket_form(server_url))
     path = target.path
     if public.path.rstrip("/") and path.startswith(public.path.rstrip("/")):
         path = path[len(public.path.rstrip("/")) :]
-    return urlunsplit(
-        (server.scheme, server.netloc, server.path.rstrip("/") + path, target.query, "")
-    )
+    return urlunsplit((server.scheme, server.netloc, server.path.rstrip("/") + path, "", ""))
 
 
 async def place_call(
@@ -464,16 +463,18 @@ async def place_call(
     # Twilio may sign the upgrade (unsettled, see PROTOCOLS.md A.7): over the URL it opened.
     upgrade_signature = validator.compute_signature(stream.url, {})
     try:
-        async with connect(
+        ws = await connect(
             url,
             additional_headers={"X-Twilio-Signature": upgrade_signature},
             compression=None,
             open_timeout=10,
-        ) as ws:
-            note(f"websocket open: {url}")
-            await call.run(ws, stream.parameters)
+        )
     except (InvalidHandshake, OSError, TimeoutError) as exc:
         raise CallFailed(f"media stream {url} refused: {exc!r}") from exc
+    note(f"websocket open: {url}")
+    try:
+        async with ws:
+            await call.run(ws, stream.parameters)
     finally:
         report.audio_played_ms = call.playout.played_ms
         report.audio_cleared_ms = call.playout.discarded_bytes / tw.MULAW_BYTES_PER_MS
@@ -618,14 +619,14 @@ class _Call:
         await self._echo_marks(flushed, flushed=True)
         self._agent_stopped()
 
-    async def _play(self, n_bytes: int) -> None:
+    async def _play(self, n_bytes: int) -> int:
+        """Play up to `n_bytes`, echo the marks reached; returns how many bytes were played."""
         audio, reached = self.playout.play(n_bytes)
         self.played += audio
+        self._activity.set()
         if reached:
             await self._echo_marks_at(reached, flushed=False)
-        if self._agent_talking and self.playout.queued_bytes == 0:
-            self._agent_stopped()
-        self._activity.set()
+        return len(audio)
 
     def _agent_stopped(self) -> None:
         if self._agent_talking:
@@ -637,14 +638,22 @@ class _Call:
         loop = asyncio.get_running_loop()
         tick = FRAME_MS / 1000.0 * self.pace
         deadline = loop.time()
+        idle_ms = 0
         while not self._closed.is_set():
             await self._send_line_frame(filler=True)
-            queued_before = self.playout.queued_bytes
-            await self._play(FRAME_BYTES)
-            if queued_before < FRAME_BYTES:
+            played = await self._play(FRAME_BYTES)
+            if played < FRAME_BYTES:
                 # Nothing (or not enough) to play: the caller hears the line's silence.
-                self.played += bytes([SILENCE_BYTE]) * (FRAME_BYTES - queued_before)
-            deadline += tick
+                self.played += bytes([SILENCE_BYTE]) * (FRAME_BYTES - played)
+            if played:
+                idle_ms = 0
+            else:
+                idle_ms += FRAME_MS
+                if idle_ms >= AGENT_PAUSE_MS:
+                    self._agent_stopped()
+            # A phone line does not catch up on time it lost: when this loop falls behind (a
+            # busy event loop), skip the missed ticks rather than burst through them.
+            deadline = max(deadline + tick, loop.time() - tick)
             await asyncio.sleep(max(0.0, deadline - loop.time()))
 
     async def _fast_line(self) -> None:
@@ -702,6 +711,7 @@ class _Call:
                 self.line.say(gap)
             await self._queue_and_drain(b"")
         elif isinstance(step, Silence):
+            self.note(f"caller stays silent for {step.ms} ms")
             await self._queue_and_drain(bytes([SILENCE_BYTE]) * (step.ms * tw.MULAW_BYTES_PER_MS))
 
     async def _queue_and_drain(self, audio: bytes) -> None:
@@ -720,6 +730,7 @@ class _Call:
             heard = self._media_count > seen
             quiet_for = now - self._last_media_at
             if heard and self.playout.queued_bytes == 0 and quiet_for >= step.quiet_s:
+                self._agent_stopped()
                 return
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -44,6 +44,7 @@ from bridge.audio import Downsampler24to8, Upsampler8to24
 from bridge.sim import voice
 from bridge.sim.scenario import BUILTINS, CallPlan, Scenario, ScriptRun, SpeakPlan, load_scenario
 from bridge.sim.voice import AudioFormat
+from bridge.twilio_media import is_base64_text
 
 log = logging.getLogger("switchboard.emulator")
 
@@ -701,7 +702,10 @@ class EmulatorSession:
         }
         self._add_item(item, previous)
         after_created: list[dict[str, Any]] = []
+        # OpenAI transcribes only when the session asks for it (audio.input.transcription).
         if self._session["audio"]["input"]["transcription"] is not None:
+            audio_tokens = max(1, (end_ms - start_ms) // 100)
+            text_tokens = max(1, math.ceil(len(transcript) / 4))
             after_created.append(
                 {
                     "type": "conversation.item.input_audio_transcription.completed",
@@ -710,14 +714,10 @@ class EmulatorSession:
                     "transcript": transcript,
                     "usage": {
                         "type": "tokens",
-                        "input_tokens": max(1, (end_ms - start_ms) // 100),
-                        "output_tokens": max(1, len(transcript) // 4),
-                        "total_tokens": max(1, (end_ms - start_ms) // 100)
-                        + max(1, len(transcript) // 4),
-                        "input_token_details": {
-                            "audio_tokens": max(1, (end_ms - start_ms) // 100),
-                            "text_tokens": 0,
-                        },
+                        "input_tokens": audio_tokens,
+                        "output_tokens": text_tokens,
+                        "total_tokens": audio_tokens + text_tokens,
+                        "input_token_details": {"audio_tokens": audio_tokens, "text_tokens": 0},
                     },
                 }
             )
@@ -731,7 +731,7 @@ class EmulatorSession:
     # -- echo mode -------------------------------------------------------------------------
     def _echo_append(self, event: dict[str, Any]) -> None:
         audio = event.get("audio")
-        if type(audio) is not str or not audio:
+        if type(audio) is not str or not audio or not is_base64_text(audio):
             self._emit_error(
                 "Invalid 'audio': expected base64-encoded audio bytes.",
                 code="invalid_value",
@@ -1357,10 +1357,13 @@ class EmulatorSession:
     def _usage(self, response: _Response) -> dict[str, Any]:
         # OpenAI's units: caller audio 1 token per 100 ms, model audio 1 per 50 ms, text ~4
         # characters a token; the whole conversation is input to every response.
-        audio_in = round(self._input_ms / 100)
-        text_in = (
-            len(self._session["instructions"]) + len(orjson.dumps(self._session["tools"]))
-        ) // 4 + sum(len(orjson.dumps(i)) // 16 for i in self._items.values())
+        earlier_speech_ms = sum(
+            s.sent_ms for s in self._audio_items.values() if s.response_id != response.id
+        )
+        audio_in = round(self._input_ms / 100 + earlier_speech_ms / 50)
+        text_chars = len(self._session["instructions"]) + len(orjson.dumps(self._session["tools"]))
+        text_chars += sum(_text_chars(item) for item in self._items.values())
+        text_in = math.ceil(text_chars / 4)
         input_tokens = audio_in + text_in
         cached = min(self._last_input_tokens, input_tokens) // 64 * 64
         self._last_input_tokens = input_tokens
@@ -1398,6 +1401,14 @@ class EmulatorSession:
         "response.cancel": _on_response_cancel,
         "output_audio_buffer.clear": _on_output_buffer_clear,
     }
+
+
+def _text_chars(item: dict[str, Any]) -> int:
+    """The text an item adds to the model's context (what input text tokens are counted on)."""
+    chars = sum(len(item.get(key) or "") for key in ("arguments", "output", "name"))
+    for part in item.get("content", ()):
+        chars += len(part.get("text") or "") + len(part.get("transcript") or "")
+    return chars
 
 
 def _assistant_item(item_id: str, status: str, content: list[dict[str, Any]]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select, text
 
 from tools.db.models import AvailabilityRule, BlockedDate, Booking, Contact, Lead
@@ -319,6 +319,15 @@ class BookAppointmentArgs(BaseModel):
     notes: str | None = Field(
         None, max_length=1000, description="Anything the team should know beforehand."
     )
+
+    @field_validator("starts_at")
+    @classmethod
+    def _local_wall_clock(cls, value: datetime) -> datetime:
+        # The confirmation question reads this time out; with an offset it would be read in
+        # that offset's clock, not the business's, and the caller would agree to a wrong hour.
+        if value.tzinfo is not None:
+            raise ValueError("give the business's local time without a UTC offset or Z")
+        return value
 
 
 def _when(at: datetime) -> str:

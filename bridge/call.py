@@ -90,12 +90,14 @@ class CallSession:
         tool_ctx: ToolContext,
         *,
         on_finished: Callable[[CallSummary], Awaitable[None]] | None = None,
+        on_caller_said: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.setup = setup
         self._twilio = twilio
         self._upstream = upstream
         self._ctx = tool_ctx
         self._on_finished = on_finished
+        self._on_caller_said = on_caller_said  # e.g. escalation rules over what callers say
         self.protocol = CallProtocol(
             stream_sid=setup.stream_sid,
             audio_mode=setup.audio_mode,
@@ -213,6 +215,8 @@ class CallSession:
                 await self._conversation("caller_audio_committed", event.item_id)
             elif kind is rt.InputTranscriptDone:
                 await self._conversation("caller_transcribed", event.item_id, event.transcript)
+                if self._on_caller_said is not None and event.transcript:
+                    self._start_background(self._on_caller_said(event.transcript), "caller-said")
             elif kind is rt.ErrorEvent:
                 log.warning(
                     "call %s: realtime error %s: %s", self.setup.call_sid, event.code, event.message
@@ -228,7 +232,17 @@ class CallSession:
             log.exception("call %s: conversation log %s failed", self.setup.call_sid, method)
 
     def _start_tool(self, request: ToolRequest) -> None:
-        task = asyncio.create_task(self._run_tool(request), name=f"tool:{request.name}")
+        self._start_background(self._run_tool(request), f"tool:{request.name}")
+
+    def _start_background(self, work: Awaitable[None], name: str) -> None:
+        # Off the audio path; cancelled with the call, failures logged (never raised into it).
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("call %s: %s failed", self.setup.call_sid, name)
+
+        task = asyncio.create_task(guarded(), name=name)
         self._tool_tasks.add(task)
         task.add_done_callback(self._tool_tasks.discard)
 

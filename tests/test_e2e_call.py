@@ -366,3 +366,52 @@ async def test_a_write_runs_only_after_the_caller_says_yes_and_only_once(
         ("capture_lead", "executed"),
         ("capture_lead", "rejected"),
     ]
+
+
+GREET_ONLY = Scenario(name="greet_only", steps=(say("Hello, how can I help?"), end()))
+OWNER_NUMBER = "+15005550100"  # acme-plumbing's owner number in the demo profiles
+OPERATOR_PIN = "2468"
+
+
+def tool_names(session_update: dict) -> set[str]:
+    return {tool["name"] for tool in session_update["session"]["tools"]}
+
+
+@pytest.mark.parametrize(
+    ("caller", "digits", "unlocked"),
+    [
+        (OWNER_NUMBER, OPERATOR_PIN, True),
+        (OWNER_NUMBER, "1111", False),  # the owner's phone, a wrong PIN
+        (CALLER_NUMBER, OPERATOR_PIN, False),  # the right PIN from a customer's phone
+    ],
+    ids=["owner-with-pin", "owner-wrong-pin", "customer-with-pin"],
+)
+async def test_only_the_owner_with_the_pin_gets_the_crm_operator(
+    sqlite_url: str, caller: str, digits: str, unlocked: bool
+) -> None:
+    from bridge.sim.caller import CallerScript, dtmf, hang_up, silence, wait_for_agent
+
+    script = CallerScript("pin", (wait_for_agent(), dtmf(digits), silence(600), hang_up()))
+    async with call_stack(GREET_ONLY, database_url=sqlite_url) as stack:
+        report = await place_call(
+            server_url=stack.url, auth_token=AUTH_TOKEN, to=BUSINESS_NUMBER,
+            from_=caller, script=script, pace=0,
+        )
+        await wait_until_idle(stack)
+        (session,) = stack.emulator.sessions
+        async with stack.services.db() as db:
+            call = (await db.execute(select(Call))).scalar_one()
+
+    assert report.violations == [] and report.dtmf_sent == digits
+    updates = session.received("session.update")
+    customer_tools = tool_names(updates[0])
+    assert "capture_lead" in customer_tools
+    assert not customer_tools & {"list_leads", "move_deal", "get_dashboard_stats", "block_date"}
+    if unlocked:
+        assert len(updates) == 2
+        operator_tools = tool_names(updates[1])
+        assert {"list_leads", "move_deal", "get_dashboard_stats", "confirm_action"} <= operator_tools
+        assert call.persona == "crm_operator"
+    else:
+        assert len(updates) == 1
+        assert call.persona == "dispatcher"

@@ -12,6 +12,7 @@ import enum
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable
 from datetime import date, datetime
 from pathlib import Path
@@ -127,9 +128,10 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.started and not self._drain_requested and self._loop is not None:
             self._drain_requested = True
-            # Signal handlers run between bytecodes; do the work on the loop.
-            stop = functools.partial(uvicorn.Server.handle_exit, self, sig, frame)
-            self._loop.call_soon_threadsafe(self.begin_drain, stop)
+            # Signal handlers run between bytecodes; do the work on the loop. The drain ends
+            # in a plain stop, not uvicorn's signal path, which re-raises the signal when it
+            # is done (exit status -15): a graceful drain is a clean exit, status 0.
+            self._loop.call_soon_threadsafe(self.begin_drain)
             return
         super().handle_exit(sig, frame)
 
@@ -384,3 +386,275 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
         "  ".join(str(cell).ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
         for line in lines
     )
+
+
+# -- loadtest / bench ----------------------------------------------------------------------
+
+
+class AudioModeOption(enum.StrEnum):
+    pcm16 = "pcm16"
+    g711 = "g711"
+
+
+@cli.command()
+def loadtest(
+    calls: Annotated[int, typer.Option(min=1, max=5000, help="Concurrent simulated calls.")] = 100,
+    duration: Annotated[
+        float, typer.Option(min=2.0, max=3600.0, help="Seconds of measured audio per call.")
+    ] = 20.0,
+    mode: Annotated[AudioModeOption, typer.Option(help="Audio mode.")] = AudioModeOption.pcm16,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Server processes sharing the port.")
+    ] = 1,
+    url: Annotated[
+        str | None, typer.Option(help="Target a running server instead of starting one.")
+    ] = None,
+    server_pid: Annotated[
+        list[int] | None, typer.Option(help="With --url: server pid(s) to read CPU/RSS from.")
+    ] = None,
+    allow_remote: Annotated[
+        bool, typer.Option(help="Allow a --url that is not a loopback address.")
+    ] = False,
+    find_capacity: Annotated[
+        bool, typer.Option(help="Step --calls up by --step until p99 > 50 ms or audio < 99 %.")
+    ] = False,
+    step: Annotated[int, typer.Option(min=1, help="With --find-capacity: calls added.")] = 50,
+    max_calls: Annotated[
+        int, typer.Option(min=1, help="With --find-capacity: upper bound.")
+    ] = 2000,
+    repeat: Annotated[
+        int, typer.Option(min=1, max=100, help="Runs on one server; medians are reported.")
+    ] = 1,
+    loop: Annotated[str, typer.Option(help="Server event loop: asyncio or uvloop.")] = "asyncio",
+    ws: Annotated[
+        str, typer.Option(help="uvicorn WebSocket stack: auto, websockets, websockets-sansio.")
+    ] = "auto",
+    pin: Annotated[bool, typer.Option(help="Pin server worker i to core i.")] = True,
+    profile_dir: Annotated[
+        Path | None, typer.Option(file_okay=False, help="cProfile each worker into this folder.")
+    ] = None,
+    append_batch: Annotated[
+        int, typer.Option(min=1, max=3, help="Experiment: caller frames per upstream append.")
+    ] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Measure capacity: N simulated Twilio callers against the server and the echo emulator.
+
+    Prints the added round trip (p50/p95/p99/max), audio returned, barge-in reaction, server
+    CPU-ms per call-second and RSS per call, and errors. Loopback only unless --allow-remote.
+    """
+    from dataclasses import asdict
+
+    from app import loadtest as lt
+
+    if loop not in ("uvloop", "asyncio"):
+        _fail("--loop must be uvloop or asyncio")
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    options = lt.ServerOptions(
+        mode=mode.value,
+        workers=workers,
+        loop=loop,
+        ws=ws,
+        pin=pin,
+        profile_dir=profile_dir,
+        append_batch=append_batch,
+    )
+    progress = functools.partial(typer.echo, err=True)
+    try:
+        if find_capacity:
+            if url is not None:
+                _fail("--find-capacity starts its own server; leave out --url")
+            result = lt.find_capacity(
+                duration,
+                server=options,
+                start=calls,
+                step=step,
+                max_calls=max_calls,
+                progress=progress,
+            )
+            if as_json:
+                typer.echo(json.dumps(result, indent=2))
+                return
+            for report in result["steps"]:
+                typer.echo(lt.format_report(lt.Report(**report)) + "\n")
+            typer.echo(
+                f"highest N that held (p99 <= {lt.CAPACITY_P99_MS:g} ms, audio >= "
+                f"{lt.CAPACITY_AUDIO_PCT:g} %, no errors): {result['held_calls']} calls, "
+                f"{result['held_calls_per_worker']} per worker"
+            )
+            return
+        settings = _settings() if url is not None else None
+        reports = lt.loadtest_runs(
+            calls,
+            duration,
+            server=options,
+            repeat=repeat,
+            url=url,
+            public_url=settings.public_url if settings is not None else None,
+            auth_token=_auth_token_for(settings) if settings is not None else None,
+            to=_profiles(settings).default.numbers[0] if settings is not None else None,
+            server_pids=server_pid,
+            allow_remote=allow_remote,
+            progress=progress,
+        )
+    except lt.LoadTestError as error:
+        _fail(str(error), code=1)
+    if as_json:
+        body: dict[str, Any] = {"runs": [asdict(r) for r in reports]}
+        if repeat > 1:
+            body["medians"] = lt.medians(reports)
+        typer.echo(json.dumps(body, indent=2))
+    else:
+        for report in reports:
+            typer.echo(lt.format_report(report) + "\n")
+        if repeat > 1:
+            typer.echo("medians: " + json.dumps(lt.medians(reports)))
+    if any(r.errors for r in reports):
+        raise typer.Exit(1)
+
+
+def _auth_token_for(settings: Settings) -> str:
+    from app.security import auth_token, uses_generated_token
+
+    if uses_generated_token(settings):
+        _fail("TWILIO_AUTH_TOKEN must be set (to the server's value) to sign the test calls")
+    return auth_token(settings)
+
+
+bench = typer.Typer(help="Micro-benchmarks of the hot path.", no_args_is_help=True)
+cli.add_typer(bench, name="bench")
+
+
+@bench.command("codec")
+def bench_codec(
+    frames: Annotated[int, typer.Option(min=1, max=1_000_000, help="Frames per run.")] = 5000,
+    repeats: Annotated[int, typer.Option(min=1, max=50, help="Runs; medians reported.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Per-20 ms-frame cost of each direction of the audio path, in both audio modes."""
+    from bridge.codec_bench import run_codec_bench
+
+    results = run_codec_bench(frames=frames, repeats=repeats)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    rows = [(name.removesuffix("_us"), f"{us:.2f}") for name, us in results.items()]
+    typer.echo(_table(("path (per 20 ms frame)", "µs"), rows))
+
+
+@bench.command("audio")
+def bench_audio(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Audio quality of the resamplers: stopband, passband ripple, images, frame joins, delay."""
+    from dataclasses import asdict
+
+    from bridge.audio_quality import main as print_quality
+    from bridge.audio_quality import measure
+
+    if as_json:
+        # -inf dB (bit-identical output) is not JSON: non-finite figures go out as text.
+        figures = {k: v if math.isfinite(v) else str(v) for k, v in asdict(measure()).items()}
+        typer.echo(json.dumps(figures, indent=2))
+        return
+    print_quality()
+
+
+# -- outbox --------------------------------------------------------------------------------
+
+
+@cli.command()
+def outbox(
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="Most messages shown.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Texts that did not reach Twilio: the local outbox (no Twilio credentials), texts still
+    sending, and dead letters (refused by Twilio or out of retries). Newest first."""
+    settings = _settings()
+    entries = asyncio.run(_unsent(settings.database_url, limit))
+    if as_json:
+        typer.echo(json.dumps([_outbox_row(e) for e in entries], indent=2, default=str))
+        return
+    if not entries:
+        typer.echo("The outbox is empty: every text reached Twilio.")
+        return
+    rows = [
+        (
+            f"{e.created_at:%Y-%m-%d %H:%M:%S}",
+            e.tenant,
+            e.to,
+            e.status + (f" ({e.error_code})" if e.error_code else ""),
+            e.reason or "",
+            " ".join(e.body.split()),
+        )
+        for e in entries
+    ]
+    typer.echo(_table(("when (UTC)", "tenant", "to", "status", "reason", "text"), rows))
+
+
+async def _unsent(database_url: str, limit: int) -> list[Any]:
+    from tools.db.engine import make_engine, make_sessionmaker, migrate
+    from tools.notify import unsent_messages
+
+    await migrate(database_url)
+    engine = make_engine(database_url)
+    try:
+        return await unsent_messages(make_sessionmaker(engine), limit=limit)
+    finally:
+        await engine.dispose()
+
+
+def _outbox_row(entry: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(entry)
+
+
+@cli.command("spool")
+def spool_command(
+    replay: Annotated[
+        bool, typer.Option("--replay", help="Write the waiting records to the database now.")
+    ] = False,
+) -> None:
+    """Call records and leads kept on local disk (SPOOL_DIR) while the database was down.
+
+    A running server writes them by itself once the database answers; `--replay` does it now.
+    Records the database refused (not an outage) are listed under failed/ for a person."""
+    from tools.spool import Spool
+
+    settings = _settings()
+    spool = Spool(settings.spool_dir)
+    if replay:
+        report = asyncio.run(_replay_spool(settings, spool))
+        outage = " (the database is still unreachable)" if report.outage else ""
+        typer.echo(
+            f"written: {report.written}, set aside: {report.failed}, "
+            f"still waiting: {report.remaining}{outage}"
+        )
+    rows = [
+        (path.name.split("-")[1], state, f"{path.stat().st_size} B", path.name)
+        for state, paths in (("waiting", spool.entries()), ("failed", spool.failed_entries()))
+        for path in paths
+    ]
+    if not rows:
+        typer.echo(f"The spool ({settings.spool_dir}) is empty: every record reached the database.")
+        return
+    typer.echo(_table(("kind", "state", "size", "file"), rows))
+
+
+async def _replay_spool(settings: Settings, spool: Any) -> Any:
+    import fakeredis
+
+    from tools.db.engine import make_engine, make_sessionmaker
+    from tools.spool import store_replayers
+
+    engine = make_engine(settings.database_url)
+    # Replaying writes SQL only; the conversation log a tool context carries is never read.
+    kv = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=True)
+    try:
+        replayers = store_replayers(make_sessionmaker(engine), kv, _profiles(settings).by_id)
+        return await spool.replay(replayers)
+    finally:
+        await kv.aclose()
+        await engine.dispose()

@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from app.correlation import current_ids
+
 # E.164 numbers as Twilio writes them (`+14155550123`), also URL-encoded (`%2B1415...`) as they
 # appear in access-log query strings. The look-arounds keep SIDs and hex ids intact.
 _PHONE = re.compile(r"(?<![\w+%])(\+|%2[bB])(\d{3,11})(\d{4})(?!\w)")
@@ -25,6 +27,29 @@ _STANDARD_ATTRS = frozenset(
     logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
     | {"message", "asctime", "color_message", "taskName"}
 )
+
+
+# Credentials never reach a log line, whoever logs them (a library's DEBUG dump of request
+# headers, an exception quoting a URL): bearer tokens, basic auth, OpenAI-style keys, and every
+# secret the app registered at start-up (TWILIO_AUTH_TOKEN, OPENAI_API_KEY).
+_CREDENTIAL = re.compile(
+    r"(?i)(authorization:\s*(?:basic\s+|bearer\s+)?|bearer\s+|\bsk-)[A-Za-z0-9._~+/=-]{6,}"
+)
+_secrets: set[str] = set()
+REDACTED = "[redacted]"
+
+
+def register_secret(value: str | None) -> None:
+    """Scrub `value` from every log line from now on (too short a value would scrub noise)."""
+    if value and len(value) >= 8:
+        _secrets.add(value)
+
+
+def redact_secrets(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return _CREDENTIAL.sub(lambda m: m.group(1) + REDACTED, text)
 
 
 def redact_numbers(text: str) -> str:
@@ -46,12 +71,13 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": self._clean(record.getMessage()),
         }
+        line.update(current_ids())  # call_sid / message_sid of the call or message at hand
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 line[key] = self._clean_value(value)
         if record.exc_info:
             line["exc"] = self._clean("".join(traceback.format_exception(*record.exc_info)))
-        return orjson.dumps(line, default=str).decode()
+        return redact_secrets(orjson.dumps(line, default=str).decode())
 
     def _clean(self, text: str) -> str:
         return redact_numbers(text) if self.redact else text

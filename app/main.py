@@ -15,6 +15,7 @@ from starlette.websockets import WebSocket
 
 from app.metrics import metrics_endpoint
 from app.routes_health import healthz, readyz
+from app.routes_sms import sms_incoming, sms_status
 from app.routes_voice import voice_incoming, voice_status
 from app.services import open_services
 from app.settings import Settings, get_settings
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/voice/incoming", voice_incoming, methods=["POST"]),
         Route("/voice/status", voice_status, methods=["POST"]),
         WebSocketRoute("/media-stream", media_stream),
+        Route("/sms/incoming", sms_incoming, methods=["POST"]),
+        Route("/sms/status", sms_status, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

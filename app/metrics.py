@@ -22,6 +22,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 NAMESPACE = "switchboard"
+# Runner outcomes that only the confirmation protocol produces (see tools.runner).
+CONFIRMATION_OUTCOMES = frozenset(
+    {"proposed", "executed", "rejected", "expired", "cancelled", "unavailable"}
+)
 
 
 class Metrics:
@@ -113,6 +117,64 @@ class Metrics:
             registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
         )
+
+        # -- resilience and observability (outages, limits) ---------------------------------
+        self.upstream_reconnects = Counter(
+            "upstream_reconnects",
+            "Realtime sessions re-opened after the upstream dropped mid-call.",
+            namespace=ns,
+            registry=r,
+        )
+        self.added_latency = Histogram(
+            "added_latency_seconds",
+            "Time the bridge adds to audio passing through it (frame in to frame out).",
+            namespace=ns,
+            registry=r,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+        )
+        self.confirmations = Counter(
+            "confirmations",
+            "Confirmation protocol steps by outcome (proposed, executed, rejected, expired, "
+            "cancelled, unavailable).",
+            ["outcome"],
+            namespace=ns,
+            registry=r,
+        )
+        self.limit_rejections = Counter(
+            "limit_rejections",
+            "Requests refused by a configured limit, by limit (calls_per_caller, "
+            "concurrent_calls, sms_per_number...).",
+            ["limit"],
+            namespace=ns,
+            registry=r,
+        )
+        self.limits_failed_open = Counter(
+            "limits_failed_open",
+            "Rate-limit checks skipped because Redis was unreachable (the request went ahead).",
+            ["limit"],
+            namespace=ns,
+            registry=r,
+        )
+        self.spooled_records = Gauge(
+            "spooled_records",
+            "Records waiting on local disk for the database to come back.",
+            namespace=ns,
+            registry=r,
+        )
+        self.spool_events = Counter(
+            "spool_events",
+            "Spool activity by event (spooled, replayed, failed) and record kind.",
+            ["event", "kind"],
+            namespace=ns,
+            registry=r,
+        )
+
+    def observe_tool_run(self, tool: str, outcome: str, latency_s: float) -> None:
+        """A `tools.runner` observer: every tool run, by tool and outcome."""
+        self.tool_calls.labels(tool, outcome).inc()
+        self.tool_duration.labels(tool).observe(latency_s)
+        if outcome in CONFIRMATION_OUTCOMES:
+            self.confirmations.labels(outcome).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

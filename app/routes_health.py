@@ -1,7 +1,18 @@
 """Liveness and readiness, for load balancers and Kubernetes probes.
 
 `/healthz` answers as long as the event loop does: restart me only if this fails.
-`/readyz` says whether new calls should be sent here: the stores answer and we are not draining.
+`/readyz` says whether new calls should be sent here:
+
+* draining (SIGTERM): 503, reasons ["draining"]: send new calls elsewhere.
+* Redis down: 200, listed under `degraded`. Live calls go on (writes are refused politely);
+  a new call cannot be connected (its one-time stream token lives in Redis), but this replica
+  still answers it with a polite "unavailable" message, which is better for the caller than
+  the load balancer's error that a 503 on every replica would bring.
+* Database down: 200, with the problem under `degraded` (and how many records wait in the
+  spool): calls run normally, their records and leads wait on local disk (`tools.spool`).
+* Both recover by themselves: the next probe after the store answers is healthy again.
+
+A healthy body is exactly {"ready": true, "reasons": [], "live_calls": n}.
 """
 
 from __future__ import annotations
@@ -29,16 +40,18 @@ async def healthz(request: Request) -> JSONResponse:
 async def readyz(request: Request) -> JSONResponse:
     services: Services = request.app.state.services
     db_problem, kv_problem = await asyncio.gather(_check_db(services), _check_kv(services))
-    reasons = [
-        problem
-        for problem in (
-            "draining" if services.draining else None,
-            db_problem,
-            kv_problem,
-        )
-        if problem is not None
-    ]
-    body = {"ready": not reasons, "reasons": reasons, "live_calls": len(services.calls)}
+    reasons = ["draining"] if services.draining else []
+    body: dict[str, object] = {
+        "ready": not reasons,
+        "reasons": reasons,
+        "live_calls": len(services.calls),
+    }
+    degraded = [problem for problem in (db_problem, kv_problem) if problem is not None]
+    if degraded:
+        body["degraded"] = degraded
+    spooled = len(services.spool) if services.spool is not None else 0
+    if spooled:
+        body["spooled"] = spooled
     return JSONResponse(body, status_code=503 if reasons else 200)
 
 

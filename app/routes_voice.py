@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
-from app import twiml
+from app import correlation, twiml
+from app.limits import CALLS_PER_CALLER, CONCURRENT_CALLS, RateLimiter
 from app.security import verified_form
 from tools.records import record_call_status
 
@@ -34,6 +35,7 @@ async def voice_incoming(request: Request) -> Response:
     call_sid = form.get("CallSid", "")
     called = form.get("To", "")
     caller = form.get("From", "")
+    correlation.bind(call_sid=call_sid)
     about = {"call_sid": call_sid, "to": called, "from": caller}
 
     profile = services.profiles.for_number(called)
@@ -44,13 +46,22 @@ async def voice_incoming(request: Request) -> Response:
     if services.draining:
         log.info("call refused while draining: busy message", extra=about)
         return _answer(services, "draining", twiml.busy())
+    limiter = RateLimiter(services.kv, services.metrics)
     if services.at_capacity:
         live = len(services.calls)
         log.warning("call refused at capacity (%d live calls): busy message", live, extra=about)
+        limiter.rejected(CONCURRENT_CALLS)
         return _answer(services, "busy", twiml.busy())
     if not call_sid:
         log.error("signed incoming-call webhook without a CallSid", extra=about)
         return _answer(services, "error", twiml.unavailable())
+    per_caller = services.settings.max_calls_per_caller_per_min
+    decision = await limiter.hit(CALLS_PER_CALLER, caller, limit=per_caller)
+    if not decision.allowed:
+        log.warning(
+            "call refused: over %d calls per minute from this number", per_caller, extra=about
+        )
+        return _answer(services, "rate_limited", twiml.busy())
 
     try:
         token = await services.tokens.mint(
@@ -76,6 +87,7 @@ async def voice_status(request: Request) -> Response:
     # Inbound calls are to our number, calls we place are from it.
     profile = services.profiles.for_number(called) or services.profiles.for_number(caller)
     tenant = profile.id if profile is not None else None
+    correlation.bind(call_sid=form.get("CallSid", ""))
     about = {
         "call_sid": form.get("CallSid", ""),
         "call_status": form.get("CallStatus", ""),

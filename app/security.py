@@ -32,6 +32,7 @@ log = logging.getLogger("switchboard.security")
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
 # Twilio's webhooks are a few hundred bytes to a few KiB; nothing legitimate comes near this.
+# The default of MAX_WEBHOOK_BYTES (the setting), which is what is enforced.
 MAX_WEBHOOK_BYTES = 64 * 1024
 # Twilio sends a few dozen parameters; parse_qsl refuses bodies with more than this many.
 MAX_WEBHOOK_FIELDS = 500
@@ -131,7 +132,7 @@ def validate_ws_upgrade(settings: Settings, headers: Mapping[str, str], path: st
 async def verified_form(request: Request) -> FormData:
     """The webhook's form parameters, all of them as received, once the signature checks out.
 
-    Raises HTTPException: 413 (body over MAX_WEBHOOK_BYTES), 415 (not form-encoded), 400
+    Raises HTTPException: 413 (body over `max_webhook_bytes`), 415 (not form-encoded), 400
     (unparseable body), 403 (signature missing or wrong). Each refusal is logged with its
     reason and counted in `webhook_rejections`.
     """
@@ -144,7 +145,7 @@ async def verified_form(request: Request) -> FormData:
         _log_rejection(path, reason, url=url)
         return HTTPException(status)
 
-    body = await _read_capped(request, MAX_WEBHOOK_BYTES)
+    body = await _read_capped(request, settings.max_webhook_bytes)
     if body is None:
         raise refuse(413, "too_large")
     media_type = request.headers.get("content-type", _FORM_TYPE).split(";", 1)[0].strip().lower()
@@ -189,7 +190,7 @@ _WHY = {
     "configured in Twilio, scheme and path prefix included?)",
     "no_auth_token": "X-Twilio-Signature does not match and TWILIO_AUTH_TOKEN is not configured "
     "(this process made up a random token); set TWILIO_AUTH_TOKEN",
-    "too_large": f"body over {MAX_WEBHOOK_BYTES} bytes",
+    "too_large": "body over MAX_WEBHOOK_BYTES",
     "unsupported_media_type": f"body is not {_FORM_TYPE}",
     "bad_body": "body is not valid form encoding",
 }

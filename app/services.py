@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import fakeredis
 import redis.asyncio
 
+from app.logging_setup import register_secret
 from app.metrics import Metrics
 from app.security import auth_token
 from app.settings import OPENAI_REALTIME_URL
@@ -25,8 +26,10 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
     from app.settings import Settings
+    from app.sms_engine import SmsEngine
     from bridge.call import CallSession
     from tools.context import Notifier
+    from tools.spool import Spool
 
 log = logging.getLogger("switchboard.services")
 
@@ -49,6 +52,11 @@ class Services:
     # Set on SIGTERM: readiness fails and new calls get a polite busy message.
     draining: bool = False
     notifier: Notifier | None = None
+    # Texting: the SMS conversation engine (built with the notifier in open_services).
+    sms_engine: SmsEngine | None = None
+    # Call records and leads the database could not take, on local disk until it is back.
+    spool: Spool | None = None
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def openai_api_key(self) -> str | None:
@@ -80,7 +88,31 @@ class Services:
             return False
         return True
 
+    def start_spool(self) -> None:
+        """Replay spooled records while the database is back; count the spool in metrics."""
+        from tools import runner
+        from tools.spool import Spool, store_replayers
+
+        spool = self.spool = Spool(self.settings.spool_dir)
+        events = self.metrics.spool_events
+        spool.observers.append(lambda event, kind: events.labels(event, kind).inc())
+        self.metrics.spooled_records.set_function(lambda: len(spool))
+        runner.add_observer(self.metrics.observe_tool_run)
+        replayers = store_replayers(self.db, self.kv, self.profiles.by_id)
+        flusher = spool.run_flusher(replayers, self.settings.spool_flush_interval_s)
+        self._background.append(asyncio.create_task(flusher, name="spool-flusher"))
+
     async def close(self) -> None:
+        from tools import runner
+
+        runner.remove_observer(self.metrics.observe_tool_run)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        # Queued texts, webhooks and deferred SMS replies finish (bounded) while stores are up.
+        close_notifier = getattr(self.notifier, "aclose", None)
+        if close_notifier is not None:
+            await close_notifier(self.settings.notify_drain_s)
         try:
             await self.kv.aclose()
         finally:
@@ -93,6 +125,9 @@ async def open_services(settings: Settings) -> Services:
     profiles = load_profiles(settings.profiles_file)
     kv = _open_kv(settings)
     auth_token(settings)  # warns now, at start-up, when no TWILIO_AUTH_TOKEN is configured
+    secrets = (settings.twilio_auth_token, settings.openai_api_key, settings.lead_webhook_secret)
+    for secret in secrets:
+        register_secret(secret.get_secret_value() if secret is not None else None)
     try:
         await migrate(settings.database_url)
         engine = make_engine(settings.database_url)
@@ -107,7 +142,7 @@ async def open_services(settings: Settings) -> Services:
             "profiles": [p.id for p in profiles.profiles],
         },
     )
-    return Services(
+    services = Services(
         settings=settings,
         profiles=profiles,
         kv=kv,
@@ -116,6 +151,14 @@ async def open_services(settings: Settings) -> Services:
         tokens=StreamTokens(kv, settings.stream_token_ttl_s),
         metrics=Metrics(),
     )
+    from app.sms_engine import open_texting
+
+    services.notifier, services.sms_engine = open_texting(settings, profiles, services.db, kv)
+    services.start_spool()
+    from tools.spool import SPOOL_KEY
+
+    services.sms_engine.tool_extra[SPOOL_KEY] = services.spool  # texted leads spool too
+    return services
 
 
 def _open_kv(settings: Settings) -> redis.asyncio.Redis:

@@ -10,20 +10,46 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
+from websockets.exceptions import ConnectionClosed
 
 from bridge import realtime as rt
 from bridge import twilio_media as tw
 from bridge.call_protocol import AudioMode, CallProtocol, CallStats, ToolRequest
+from bridge.restore import ConversationHistory
+from bridge.upstream import (
+    Backoff,
+    UpstreamUnavailable,
+    Verdict,
+    classify_close,
+    classify_error_event,
+    connect_with_retry,
+)
 from tools import ToolContext, run
 
 log = logging.getLogger("switchboard.call")
 
 OPERATOR_PERSONA = "crm_operator"
+LATENCY_SAMPLE_EVERY = 25  # model frames between added-latency samples (~1 s of audio)
+# Session renewal waits for a quiet moment (nobody speaking, no tool running); it looks
+# this often.
+QUIET_POLL_S = 0.25
+# A renewal that could not connect is tried again this much later.
+RENEW_RETRY_S = 30.0
+# More restores than this within RESTORE_WINDOW_S means the upstream accepts and then drops
+# every session: stop trying and fall back rather than loop.
+MAX_RESTORES_IN_WINDOW = 5
+RESTORE_WINDOW_S = 60.0
+# Closing a dead upstream must not hold anything up.
+CLOSE_OLD_UPSTREAM_S = 2.0
+
+# Opens a new Realtime session; the argument is the handshake timeout in seconds.
+ConnectUpstream = Callable[[float], Awaitable["Upstream"]]
 
 
 class TwilioSocket(Protocol):
@@ -56,9 +82,32 @@ class CallSetup:
     greeting: str | None = None
     operator_pin: str | None = None  # set only when the caller's number is an owner number
     max_frame_bytes: int = 64 * 1024
+    max_frames_per_s: int = 100  # Twilio sends 50 (20 ms frames); more is a flood
+    frame_burst: int = 1000
     max_call_s: float = 3600.0
     end_call_grace_s: float = 10.0
     tool_timeout_s: float = 10.0
+    # A lost Realtime session is replaced within this budget (retries with backoff), else
+    # the call falls back (apology, callback promise).
+    reconnect_budget_s: float = 3.0
+    # Replace the Realtime session at a quiet moment after this long, before the server's
+    # 60-minute cap ends it mid-sentence; None: never.
+    session_renew_after_s: float | None = None
+
+
+@dataclass(slots=True)
+class UpstreamStats:
+    """What happened to the Realtime side of one call."""
+
+    sessions: int = 1  # Realtime sessions used (1 + restores)
+    restores: int = 0  # sessions replaced after a drop, a session-ending error or the cap
+    renewals: int = 0  # of which planned (session age), at a quiet moment
+    recoverable_errors: int = 0  # `error` events the session survived
+    connect_failures: int = 0  # failed connection attempts while restoring or renewing
+    items_replayed: int = 0  # conversation items sent to new sessions
+    duplicate_tool_calls: int = 0  # function calls not run because their call_id already was
+    restore_ms: list[float] = field(default_factory=list)  # loss noticed -> replay sent, each
+    gave_up: str | None = None  # why the call fell back, if it did
 
 
 @dataclass(slots=True)
@@ -75,6 +124,7 @@ class CallSummary:
     tool_calls: list[dict[str, Any]]
     usage: dict[str, int]
     stats: CallStats = field(default_factory=CallStats)
+    upstream: UpstreamStats = field(default_factory=UpstreamStats)
 
     @property
     def duration_s(self) -> float:
@@ -91,6 +141,8 @@ class CallSession:
         *,
         on_finished: Callable[[CallSummary], Awaitable[None]] | None = None,
         on_caller_said: Callable[[str], Awaitable[None]] | None = None,
+        connect_upstream: ConnectUpstream | None = None,
+        on_upstream_lost: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.setup = setup
         self._twilio = twilio
@@ -98,10 +150,25 @@ class CallSession:
         self._ctx = tool_ctx
         self._on_finished = on_finished
         self._on_caller_said = on_caller_said  # e.g. escalation rules over what callers say
+        # Without `connect_upstream` a lost session ends the call (nothing to reconnect with);
+        # `on_upstream_lost` is the fallback when no session can be had (apology, callback).
+        self._connect_upstream = connect_upstream
+        self._on_upstream_lost = on_upstream_lost
+        self.history = ConversationHistory()
+        self.upstream_stats = UpstreamStats()
+        # True while the Realtime session is being replaced: caller audio is dropped (the
+        # caller hears silence) and nothing is sent upstream until the replay is out.
+        self._restoring = False
+        self._next_upstream: Upstream | None = None  # a renewal's session, connected early
+        self._session_started = time.monotonic()
+        self._restored_at: deque[float] = deque(maxlen=MAX_RESTORES_IN_WINDOW)
+        self._caller_speaking = False
         self.protocol = CallProtocol(
             stream_sid=setup.stream_sid,
             audio_mode=setup.audio_mode,
             max_frame_bytes=setup.max_frame_bytes,
+            max_frames_per_s=setup.max_frames_per_s,
+            frame_burst=setup.frame_burst,
         )
         self._tool_tasks: set[asyncio.Task[None]] = set()
         self._hang_up_asked = asyncio.Event()
@@ -127,7 +194,10 @@ class CallSession:
     async def run(self) -> CallSummary:
         protocol = self.protocol
         protocol.start_session(self.setup.session_for(self.setup.persona), self.setup.greeting)
+        self._session_started = time.monotonic()
         await self._flush_realtime()
+        if self._connect_upstream is not None and self.setup.session_renew_after_s is not None:
+            self._start_background(self._renew_sessions(), "session-renewal")
         pumps = [
             asyncio.create_task(self._twilio_pump(), name="twilio-pump"),
             asyncio.create_task(self._realtime_pump(), name="realtime-pump"),
@@ -166,6 +236,7 @@ class CallSession:
             tool_calls=protocol.tool_calls,
             usage=protocol.usage,
             stats=protocol.stats,
+            upstream=self.upstream_stats,
         )
         if self._on_finished is not None:
             try:
@@ -175,7 +246,7 @@ class CallSession:
         return summary
 
     async def _twilio_pump(self) -> str:
-        protocol, receive, send = self.protocol, self._twilio.receive, self._upstream.send
+        protocol, receive = self.protocol, self._twilio.receive
         while True:
             message = await receive()
             frame = message.get("text")
@@ -184,9 +255,17 @@ class CallSession:
                 if frame is None:  # websocket.disconnect
                     return protocol.finished or "twilio socket closed"
             event = tw.parse_frame(frame)
+            if self._restoring and type(event) is tw.Media:
+                # No session to hear it: the caller's audio is dropped, they hear silence.
+                protocol.stats.dropped("upstream_restoring")
+                continue
             protocol.receive_twilio(event)
-            for out in protocol.realtime_frames_to_send():
-                await send(out)
+            if protocol._to_realtime and not self._restoring:
+                try:
+                    for out in protocol.realtime_frames_to_send():
+                        await self._upstream.send(out)
+                except ConnectionClosed:
+                    pass  # the realtime pump sees the drop and restores the session
             if protocol.hang_up_requested:
                 self._note_progress()
             if type(event) is tw.Dtmf:
@@ -195,33 +274,233 @@ class CallSession:
                 return protocol.finished or "caller hung up"
 
     async def _realtime_pump(self) -> str:
-        protocol, send = self.protocol, self._twilio.send_text
-        async for frame in self._upstream:
-            event = rt.parse_server_event(frame)
-            protocol.receive_realtime(event)
-            for out in protocol.twilio_frames_to_send():
-                await send(out)
-            if protocol._to_realtime:
-                await self._flush_realtime()
-            kind = type(event)
-            if kind is rt.AudioDelta:
+        """Pump the current Realtime session; replace it when it is lost, while we can."""
+        while True:
+            verdict, why = await self._pump_session(self._upstream)
+            if self.protocol.finished:
+                return self.protocol.finished
+            if self._connect_upstream is None:
+                return "model session closed"
+            if verdict is not Verdict.FATAL and await self._restore(why):
                 continue
-            if protocol.hang_up_requested:
-                self._note_progress()
-            if kind is rt.FunctionCallDone:
-                for request in protocol.tools_to_run():
-                    self._start_tool(request)
-            elif kind is rt.InputAudioCommitted:
-                await self._conversation("caller_audio_committed", event.item_id)
-            elif kind is rt.InputTranscriptDone:
-                await self._conversation("caller_transcribed", event.item_id, event.transcript)
-                if self._on_caller_said is not None and event.transcript:
-                    self._start_background(self._on_caller_said(event.transcript), "caller-said")
-            elif kind is rt.ErrorEvent:
-                log.warning(
-                    "call %s: realtime error %s: %s", self.setup.call_sid, event.code, event.message
+            return await self._give_up(why)
+
+    async def _pump_session(self, upstream: Upstream) -> tuple[Verdict, str]:
+        """Frames of one Realtime session until it ends; why it ended and what that means."""
+        protocol, send = self.protocol, self._twilio.send_text
+        history = self.history
+        countdown, started = LATENCY_SAMPLE_EVERY, 0.0
+        try:
+            async for frame in upstream:
+                countdown -= 1
+                if countdown == 0:  # a clock read every Nth frame, not every frame
+                    started = time.perf_counter()
+                event = rt.parse_server_event(frame)
+                kind = type(event)
+                if kind is rt.FunctionCallDone and history.known(event.call_id):
+                    # Already dispatched (answered or running): a tool never runs twice.
+                    self.upstream_stats.duplicate_tool_calls += 1
+                    continue
+                protocol.receive_realtime(event)
+                try:
+                    for out in protocol.twilio_frames_to_send():
+                        await send(out)
+                except Exception as gone:  # Starlette's WebSocketDisconnect, a reset socket...
+                    # The caller hung up while audio was on its way: a normal end, not a fault.
+                    log.info(
+                        "call %s: twilio socket gone (%s)", self.setup.call_sid, type(gone).__name__
+                    )
+                    protocol.finished = protocol.finished or "twilio socket closed"
+                    return Verdict.FATAL, protocol.finished
+                if countdown <= 0:
+                    countdown = LATENCY_SAMPLE_EVERY
+                    if kind is rt.AudioDelta:
+                        protocol.stats.latency_sample(time.perf_counter() - started)
+                if protocol._to_realtime:
+                    await self._flush_realtime()
+                if kind is rt.AudioDelta:
+                    continue
+                if protocol.hang_up_requested:
+                    self._note_progress()
+                if kind is rt.FunctionCallDone:
+                    history.tool_called(event.call_id, event.name, event.arguments)
+                    for request in protocol.tools_to_run():
+                        self._start_tool(request)
+                elif kind is rt.InputAudioCommitted:
+                    history.caller_committed(event.item_id)
+                    await self._conversation("caller_audio_committed", event.item_id)
+                elif kind is rt.InputTranscriptDone:
+                    history.caller_said(event.item_id, event.transcript)
+                    await self._conversation("caller_transcribed", event.item_id, event.transcript)
+                    if self._on_caller_said is not None and event.transcript:
+                        self._start_background(
+                            self._on_caller_said(event.transcript), "caller-said"
+                        )
+                elif kind is rt.OutputTranscriptDone:
+                    history.agent_said(event.item_id, event.transcript)
+                elif kind is rt.SpeechStarted:
+                    self._caller_speaking = True
+                elif kind is rt.SpeechStopped:
+                    self._caller_speaking = False
+                elif kind is rt.ErrorEvent:
+                    verdict = classify_error_event(event.code, event.type)
+                    log.warning(
+                        "call %s: realtime error %s (%s, %s): %s",
+                        self.setup.call_sid,
+                        event.code,
+                        event.type,
+                        verdict,
+                        event.message,
+                    )
+                    if verdict is Verdict.RECOVERABLE:
+                        self.upstream_stats.recoverable_errors += 1
+                    else:
+                        return verdict, f"realtime error {event.code or event.type}"
+        except ConnectionClosed as closed:
+            code = closed.rcvd.code if closed.rcvd is not None else None
+            return classify_close(code), f"realtime socket dropped (close code {code})"
+        code = getattr(upstream, "close_code", None)
+        if self._next_upstream is not None:
+            return Verdict.RETRY, "session renewal"
+        return classify_close(code), f"realtime session closed (close code {code})"
+
+    # -- losing and restoring the Realtime session ------------------------------------------
+    async def _restore(self, why: str) -> bool:
+        """Replace the lost session: same instructions and tools, the conversation replayed.
+
+        False when no new session could be had within the budget (or sessions keep dying).
+        """
+        call_sid, protocol, stats = self.setup.call_sid, self.protocol, self.upstream_stats
+        now = time.monotonic()
+        if (
+            len(self._restored_at) == MAX_RESTORES_IN_WINDOW
+            and now - self._restored_at[0] < RESTORE_WINDOW_S
+        ):
+            log.error("call %s: realtime sessions keep failing (%s): giving up", call_sid, why)
+            return False
+        self._restoring = True
+        # The old session stays the current one until a new one is connected; nothing is
+        # sent to it meanwhile (`_restoring`), and it is closed off the call's path.
+        self._start_background(_close_quietly(self._upstream), "close-old-upstream")
+        started = time.monotonic()
+        try:
+            upstream = self._next_upstream
+            self._next_upstream = None
+            if upstream is None:
+                log.warning("call %s: %s; reconnecting", call_sid, why)
+                try:
+                    upstream = await connect_with_retry(
+                        self._connect_upstream,  # type: ignore[arg-type]
+                        Backoff(budget_s=self.setup.reconnect_budget_s),
+                        on_failure=self._connect_failed,
+                    )
+                except UpstreamUnavailable as error:
+                    log.error("call %s: no new realtime session: %s", call_sid, error)
+                    return False
+            self._upstream = upstream
+            # From here to the end of the replay nothing may await between reading the state
+            # and queueing the events built from it, except the sends themselves.
+            interrupted = protocol.upstream_replaced()
+            events = [self.setup.session_for(self._ctx.persona), *self.history.replay_events()]
+            owed = interrupted or self.history.awaits_reply
+            if owed and not self.history.pending_calls and not protocol.hang_up_requested:
+                events.append(rt.response_create())
+            for out in protocol.twilio_frames_to_send():
+                await self._twilio.send_text(out)
+            try:
+                for event in events:
+                    await upstream.send(rt.encode(event))
+            except ConnectionClosed:
+                pass  # died already: the pump sees it at once and tries again
+        finally:
+            self._restoring = False
+        self._restored_at.append(time.monotonic())
+        self._session_started = time.monotonic()
+        stats.sessions += 1
+        stats.restores += 1
+        stats.items_replayed += len(events) - 1 - (events[-1]["type"] == "response.create")
+        stats.restore_ms.append((time.monotonic() - started) * 1000)
+        log.info(
+            "call %s: realtime session restored in %.0f ms (%d items replayed, %s)",
+            call_sid,
+            stats.restore_ms[-1],
+            len(events) - 1,
+            why,
+        )
+        await self._flush_realtime()  # tool outputs that arrived during the replay
+        self._note_progress()
+        return True
+
+    def _connect_failed(self, attempt: int, error: BaseException, verdict: Verdict) -> None:
+        self.upstream_stats.connect_failures += 1
+        log.warning(
+            "call %s: realtime connect attempt %d failed (%s): %s: %s",
+            self.setup.call_sid,
+            attempt,
+            verdict,
+            type(error).__name__,
+            error,
+        )
+
+    async def _give_up(self, why: str) -> str:
+        """No Realtime session: fall back (apology and callback promise), then end the call."""
+        reason = f"assistant unavailable: {why}"
+        self.protocol.finished = self.protocol.finished or reason
+        self.upstream_stats.gave_up = why
+        log.error("call %s: %s; falling back", self.setup.call_sid, why)
+        if self._on_upstream_lost is not None:
+            try:
+                await self._on_upstream_lost(why)
+            except Exception:
+                log.exception("call %s: the fallback failed", self.setup.call_sid)
+        return reason
+
+    def _quiet(self) -> bool:
+        """Nobody is speaking or about to: a session can be swapped unnoticed."""
+        protocol = self.protocol
+        return (
+            not self._restoring
+            and not self._caller_speaking
+            and protocol.active_response is None
+            and protocol.playback.queued_ms == 0
+            and not self.history.pending_calls
+        )
+
+    async def _renew_sessions(self) -> None:
+        """Replace the session before the server's cap ends it, at a quiet moment."""
+        after = self.setup.session_renew_after_s
+        assert after is not None and self._connect_upstream is not None
+        while True:
+            await asyncio.sleep(max(0.0, self._session_started + after - time.monotonic()))
+            if time.monotonic() - self._session_started < after:
+                continue  # a restore replaced the session meanwhile
+            while not self._quiet():  # noqa: ASYNC110 - quiet is several pumps' state
+                await asyncio.sleep(QUIET_POLL_S)
+            try:
+                upstream = await connect_with_retry(
+                    self._connect_upstream,
+                    Backoff(budget_s=self.setup.reconnect_budget_s),
+                    on_failure=self._connect_failed,
                 )
-        return "model session closed"
+            except UpstreamUnavailable as error:
+                log.warning("call %s: session renewal postponed: %s", self.setup.call_sid, error)
+                self._session_started = time.monotonic() - after + RENEW_RETRY_S
+                continue
+            # Held ready (and closed with the call if it never gets swapped in); if the old
+            # session dies meanwhile, the restore takes this one at once.
+            self._next_upstream = upstream
+            while not self._quiet() and self._next_upstream is upstream:  # noqa: ASYNC110
+                await asyncio.sleep(QUIET_POLL_S)
+            if self._next_upstream is not upstream:
+                continue  # a restore already used it
+            log.info("call %s: renewing the realtime session", self.setup.call_sid)
+            self.upstream_stats.renewals += 1
+            self._restoring = True  # from now on caller audio waits for the new session
+            # Closing the old session ends its pump, which restores onto `upstream`. Not
+            # bounded here: websockets gives up on a silent peer after its close timeout and
+            # aborts the connection, which ends the pump just the same.
+            with contextlib.suppress(Exception):
+                await self._upstream.close()
 
     async def _conversation(self, method: str, *args: str) -> None:
         # The confirmation protocol reads what the caller said from here; a store hiccup
@@ -255,13 +534,21 @@ class CallSession:
         except TimeoutError:
             result = {"status": "error", "error": "timeout"}
         output = orjson.dumps(result, default=str).decode()
+        # Both at once (no await between): a session restore sees the output in exactly one
+        # place, the replay or the frames still to send.
         self.protocol.tool_finished(request, output, result)
+        self.history.tool_answered(request.call_id, output)
         self._note_progress()
         await self._flush_realtime()
 
     async def _flush_realtime(self) -> None:
-        for out in self.protocol.realtime_frames_to_send():
-            await self._upstream.send(out)
+        if self._restoring:
+            return  # queued frames go to the new session once its replay is out
+        try:
+            for out in self.protocol.realtime_frames_to_send():
+                await self._upstream.send(out)
+        except ConnectionClosed:
+            pass  # the realtime pump sees the drop; the replay carries what was lost here
 
     async def _check_operator_pin(self) -> None:
         pin = self.setup.operator_pin
@@ -293,7 +580,15 @@ class CallSession:
         return "agent ended the call"
 
     async def _close_sockets(self) -> None:
+        if self._next_upstream is not None:  # a renewal's session never swapped in
+            await _close_quietly(self._next_upstream)
         with contextlib.suppress(Exception):
             await self._upstream.close()
         with contextlib.suppress(Exception):
             await self._twilio.close(1000)
+
+
+async def _close_quietly(upstream: Upstream) -> None:
+    # A dead peer may never answer the closing handshake; a bounded wait, errors ignored.
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(upstream.close(), CLOSE_OLD_UPSTREAM_S)

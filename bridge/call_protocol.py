@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ from bridge.audio import InboundTranscoder, OutboundTranscoder
 from bridge.playback import Playback
 
 AudioMode = Literal["pcm16", "g711"]
+MAX_DTMF_DIGITS = 16  # longer than any PIN (profiles allow 4 to 12 digits)
+MAX_LATENCY_SAMPLES = 4096
 
 
 @dataclass(slots=True, frozen=True)
@@ -42,9 +45,16 @@ class CallStats:
     barge_ins: int = 0
     upstream_errors: int = 0
     unknown_events: int = 0
+    # Sampled (not per frame) seconds from a model audio frame arriving to its Twilio frame
+    # leaving; bounded so an hour-long call keeps a fixed-size record.
+    added_latency_s: list[float] = field(default_factory=list)
 
     def dropped(self, reason: str) -> None:
         self.frames_dropped[reason] = self.frames_dropped.get(reason, 0) + 1
+
+    def latency_sample(self, seconds: float) -> None:
+        if len(self.added_latency_s) < MAX_LATENCY_SAMPLES:
+            self.added_latency_s.append(seconds)
 
 
 class CallProtocol:
@@ -55,11 +65,29 @@ class CallProtocol:
         audio_mode: AudioMode,
         max_frame_bytes: int = 64 * 1024,
         clock: Any = time.time,
+        max_frames_per_s: int = 100,
+        frame_burst: int = 1000,
+        monotonic: Callable[[], float] = time.monotonic,
+        append_batch_frames: int = 1,
     ) -> None:
         self.stream_sid = stream_sid
         self.audio_mode = audio_mode
         self.max_payload_chars = max_frame_bytes
         self._clock = clock
+        # Twilio sends 50 media frames a second; a stream sending far more for long is broken
+        # or hostile. A token bucket (refilled at max_frames_per_s, holding up to frame_burst)
+        # lets catch-up bursts after a network stall through and drops a sustained flood as
+        # "rate_limited". Per frame: one clock read and a few float operations.
+        self.max_frames_per_s = max_frames_per_s
+        self.frame_burst = frame_burst
+        self._monotonic = monotonic
+        self._frame_tokens = float(frame_burst)
+        self._tokens_at = monotonic()
+        # pcm16 mode: caller frames per input_audio_buffer.append. 2 halves the messages up
+        # and (echoed) down, and holds every other 20 ms frame until the next one arrives:
+        # Twilio streams frames continuously, so the hold is one frame (20 ms) at most.
+        self.append_batch_frames = max(1, append_batch_frames)
+        self._held_pcm: list[bytes] = []
         self._inbound = InboundTranscoder() if audio_mode == "pcm16" else None
         self._outbound = OutboundTranscoder() if audio_mode == "pcm16" else None
         self.playback = Playback()
@@ -123,15 +151,42 @@ class CallProtocol:
             return
         self._to_realtime.append(rt.encode(rt.response_create(instructions=instructions)))
 
+    def upstream_replaced(self) -> bool:
+        """A new Realtime session replaces a lost one: forget the old session's state.
+
+        The old session's response will never finish and its item ids mean nothing to the new
+        one. Audio of an unfinished response still queued at Twilio is cleared (the model
+        answers again); audio of a finished one plays out, but its marks no longer tie it to an
+        item, so no truncate can name an item the new session does not have. Frames queued for
+        the old session are dropped: the replayed conversation carries what matters.
+        Returns whether a response was cut off (the caller is owed an answer).
+        """
+        interrupted = self.active_response is not None
+        if interrupted and self.playback.queued_ms:
+            self._to_twilio.append(tw.clear_frame(self.stream_sid))
+        self.playback.cleared()
+        if interrupted and self._outbound is not None:
+            self._outbound = OutboundTranscoder()
+        self.active_response = None
+        self._speaking = None
+        self._cut_responses.clear()
+        self._cut_items.clear()
+        self._response_wanted = False
+        self._to_realtime.clear()
+        return interrupted
+
     # -- Twilio -> model -------------------------------------------------------------------
     def receive_twilio(self, event: tw.TwilioEvent) -> None:
         if type(event) is tw.Media:
-            self._caller_audio(event.payload)
+            self._caller_audio(event)
         elif type(event) is tw.Mark:
             self.playback.acked(event.name)
         elif type(event) is tw.Dtmf:
-            self.dtmf_digits += event.digit
+            # Only the latest digits can complete a PIN; a caller pressing keys all call long
+            # must not grow this without bound.
+            self.dtmf_digits = (self.dtmf_digits + event.digit)[-MAX_DTMF_DIGITS:]
         elif type(event) is tw.Stop:
+            self._flush_caller_audio()
             self.finished = self.finished or "caller hung up"
         elif type(event) is tw.Malformed:
             self.stats.dropped("malformed")
@@ -139,7 +194,16 @@ class CallProtocol:
             self.stats.dropped("unknown_event")
         # connected/start after the start: harmless repeats, nothing to do.
 
-    def _caller_audio(self, payload: str) -> None:
+    def _caller_audio(self, event: tw.Media) -> None:
+        now = self._monotonic()
+        tokens = self._frame_tokens + (now - self._tokens_at) * self.max_frames_per_s
+        self._tokens_at = now
+        if tokens < 1.0:
+            self._frame_tokens = tokens
+            self.stats.dropped("rate_limited")
+            return
+        self._frame_tokens = min(tokens, self.frame_burst) - 1.0
+        payload = event.payload
         if len(payload) > self.max_payload_chars:
             self.stats.dropped("oversized")
             return
@@ -147,13 +211,28 @@ class CallProtocol:
         if self._inbound is None:
             self._to_realtime.append(rt.append_audio(payload))
             return
-        try:
-            ulaw = base64.b64decode(payload, validate=True)
-        except ValueError:
-            self.stats.dropped("bad_base64")
-            return
+        ulaw = event.audio  # decoded (and so validated) by tw.parse_frame
+        if ulaw is None:
+            try:
+                ulaw = base64.b64decode(payload, validate=True)
+            except ValueError:
+                self.stats.dropped("bad_base64")
+                return
         pcm = self._inbound.process(ulaw)
+        if self.append_batch_frames > 1:
+            held = self._held_pcm
+            held.append(pcm)
+            if len(held) < self.append_batch_frames:
+                return
+            pcm = b"".join(held)
+            held.clear()
         self._to_realtime.append(rt.append_audio(base64.b64encode(pcm).decode("ascii")))
+
+    def _flush_caller_audio(self) -> None:
+        if self._held_pcm:
+            pcm = b"".join(self._held_pcm)
+            self._held_pcm.clear()
+            self._to_realtime.append(rt.append_audio(base64.b64encode(pcm).decode("ascii")))
 
     # -- model -> Twilio -------------------------------------------------------------------
     def receive_realtime(self, event: rt.ServerEvent) -> None:
@@ -180,11 +259,14 @@ class CallProtocol:
     def _model_audio(self, event: rt.AudioDelta) -> None:
         if event.response_id in self._cut_responses or event.item_id in self._cut_items:
             return  # late audio of a response the caller talked over
+        audio = event.audio  # decoded (and so validated) by rt.parse_server_event
         if self._outbound is None:
             payload = event.delta_b64
-            nbytes = _b64_decoded_len(payload)
+            nbytes = _b64_decoded_len(payload) if audio is None else len(audio)
         else:
-            ulaw = self._outbound.process(base64.b64decode(event.delta_b64))
+            if audio is None:
+                audio = base64.b64decode(event.delta_b64)
+            ulaw = self._outbound.process(audio)
             if not ulaw:
                 return
             nbytes = len(ulaw)

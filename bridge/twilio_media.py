@@ -67,10 +67,13 @@ class Start:
 
 @dataclass(slots=True)
 class Media:
-    # Base64 text, deliberately not decoded here: g711 mode forwards it as-is.
+    # The base64 text (g711 mode forwards it as-is) and the mu-law bytes it holds: validating
+    # base64 strictly costs the same as decoding it, so the parser decodes once and pcm16
+    # mode uses the bytes. None only when built by hand (tests).
     payload: str
     timestamp: int | None  # ms since the stream started (presentation time)
     chunk: int | None
+    audio: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(slots=True, frozen=True)
@@ -131,7 +134,13 @@ def _parse_media(message: dict[str, Any]) -> Media | Malformed:
         return Malformed(
             f"media.payload is {len(payload)} characters, more than {MAX_MEDIA_PAYLOAD_CHARS}"
         )
-    if not is_base64_text(payload):
+    # Strict decoding with a length that is a multiple of 4 accepts exactly what
+    # is_base64_text accepts (canonical padded base64), and leaves the bytes for pcm16 mode.
+    if len(payload) % 4:
+        return Malformed("media.payload is not valid base64")
+    try:
+        audio = binascii.a2b_base64(payload, strict_mode=True)
+    except binascii.Error:
         return Malformed("media.payload is not valid base64")
     timestamp = _optional_count(media.get("timestamp"))
     if timestamp == -1:
@@ -139,7 +148,7 @@ def _parse_media(message: dict[str, Any]) -> Media | Malformed:
     chunk = _optional_count(media.get("chunk"))
     if chunk == -1:
         return Malformed(f"media.chunk is not a non-negative integer: {media['chunk']!r}")
-    return Media(payload, timestamp, chunk)
+    return Media(payload, timestamp, chunk, audio)
 
 
 def _parse_connected(message: dict[str, Any]) -> Connected | Malformed:

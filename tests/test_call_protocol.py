@@ -271,3 +271,10 @@ def test_barge_in_between_chunks_still_truncates_the_item_being_spoken() -> None
     events = realtime_out(p)
     assert [e["type"] for e in events] == ["response.cancel", "conversation.item.truncate"]
     assert (events[1]["item_id"], events[1]["audio_end_ms"]) == ("item_1", 120)
+
+
+def test_dtmf_buffer_keeps_only_the_latest_digits() -> None:
+    p = protocol()
+    for digit in "1234567890" * 100:
+        p.receive_twilio(tw.Dtmf(digit=digit))
+    assert p.dtmf_digits == ("1234567890" * 2)[-16:]

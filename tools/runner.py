@@ -10,12 +10,14 @@
 
 Outcomes in the audit trail (and passed to observers): ok, proposed, executed, rejected,
 cancelled, expired, failed, timeout, invalid_arguments, unknown_tool, interrupted (the
-conversation's task was cancelled mid-run).
+conversation's task was cancelled mid-run), unavailable (Redis, which holds pending
+confirmations, is down: the change is refused politely).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
+from redis.exceptions import RedisError
 
 from tools import audit
 from tools.confirmation import (
@@ -61,6 +64,10 @@ FAILED_MESSAGE = (
     "complete it and offer to take a message or have someone call back."
 )
 TIMEOUT_MESSAGE = "That took too long and was stopped. Tell the caller and offer another way."
+UNAVAILABLE_MESSAGE = (
+    "Changes cannot be made right now (a system is down). Say: \"I can't make changes right "
+    "now, I'll have the owner call you.\" Do not retry; answering questions still works."
+)
 # An audit insert stuck on a locked database must not hold the conversation hostage.
 AUDIT_TIMEOUT_S = 5.0
 # Room for the store round trips around a handler, so that the handler's own timeout (with
@@ -74,6 +81,12 @@ _observers: list[Observer] = []
 def add_observer(observer: Observer) -> None:
     """Call `observer(tool, outcome, latency_s)` after every run (metrics); must not block."""
     _observers.append(observer)
+
+
+def remove_observer(observer: Observer) -> None:
+    """Stop calling `observer` (an app shutting down); unknown observers are ignored."""
+    with contextlib.suppress(ValueError):
+        _observers.remove(observer)
 
 
 class _Outcome(Exception):
@@ -112,6 +125,11 @@ async def run(name: str, arguments: str | dict[str, Any], ctx: ToolContext) -> d
         latency_ms = (time.perf_counter() - started) * 1000
         await asyncio.shield(_audit(ctx, interrupted, latency_ms))
         raise
+    except RedisError as error:
+        # Pending confirmations live in Redis: without it no change can be proposed or
+        # confirmed safely. Refuse politely (reads never get here: they need no Redis).
+        log.warning("tool %s: refused, Redis unavailable: %s", name, error)
+        done = _Outcome("unavailable", _unavailable(), tool=name, arguments=arguments)
     except TimeoutError:
         # The backstop: a stuck store, not a slow handler (those have their own timeout).
         log.error("tool %s: run timed out outside its handler", name)
@@ -242,7 +260,15 @@ async def _propose(tool: Tool, args: BaseModel, ctx: ToolContext) -> _Outcome:
         created_at=now,
         expires_at=now + ctx.confirmation_ttl_s,
     )
-    await PendingStore(ctx.kv).add(action)
+    try:
+        await PendingStore(ctx.kv).add(action)
+    except RedisError as error:
+        # Refused like any Redis outage (see `run`), but the audit row keeps what the caller
+        # asked for, validated, so the owner's call back can start from it.
+        log.warning("tool %s: not proposed, Redis unavailable: %s", tool.name, error)
+        raise _Outcome(
+            "unavailable", _unavailable(), tool=tool.name, arguments=action.arguments
+        ) from None
     instructions = INSTRUCTIONS + (HIGH_RISK_INSTRUCTIONS if action.risk == "high" else "")
     return _Outcome(
         "proposed",
@@ -439,6 +465,10 @@ def _rejected(reason: Reason, confirmation_id: str) -> dict[str, Any]:
 
 def _failed() -> dict[str, Any]:
     return {"status": "error", "error": "tool_failed", "message": FAILED_MESSAGE}
+
+
+def _unavailable() -> dict[str, Any]:
+    return {"status": "unavailable", "error": "store_unavailable", "message": UNAVAILABLE_MESSAGE}
 
 
 def _timeout() -> dict[str, Any]:

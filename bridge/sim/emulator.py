@@ -882,6 +882,11 @@ class EmulatorSession:
                 "name": _require(raw, "name", str, "item.name"),
                 "arguments": _require(raw, "arguments", str, "item.arguments"),
             }
+            # A client-created call (a restored conversation) can be answered later, as with
+            # OpenAI: the output of a tool still running when the session was replaced.
+            self._calls[item["call_id"]] = ToolCallRecord(
+                item["call_id"], item_id, item["name"], item["arguments"]
+            )
         elif kind == "message":
             role = raw.get("role")
             if role not in ("user", "system", "assistant"):

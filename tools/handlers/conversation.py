@@ -8,18 +8,13 @@ business's own owner number.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
-from tools.db.models import Escalation, EscalationCategory
-from tools.db.tenancy import tenant_session
-from tools.handlers.bookings import record_activity
-from tools.handlers.dispatch import PhoneNumber, conversation_lead
-from tools.matching import spoken_phone
+from tools.db.models import EscalationCategory
+from tools.escalation import escalate_once
+from tools.handlers.dispatch import PhoneNumber
 from tools.registry import tool
 
 if TYPE_CHECKING:
@@ -27,18 +22,6 @@ if TYPE_CHECKING:
 
 CUSTOMER_FACING = {"dispatcher", "receptionist"}
 EVERYONE_ON_CALLS = {"dispatcher", "receptionist", "crm_operator", "field_assistant"}
-SMS_LIMIT = 320  # two SMS segments: enough for an alert, cheap to send
-
-CATEGORY_WORDS: dict[str, str] = {
-    "budget_over_limit": "budget over limit",
-    "full_remodel": "full remodel",
-    "angry_customer": "upset customer",
-    "asked_for_owner": "asked for the owner",
-    "complex_electrical": "complex electrical job",
-    "complex_plumbing": "complex plumbing job",
-    "emergency": "EMERGENCY",
-    "other": "needs attention",
-}
 
 
 def _not_on_a_call(ctx: ToolContext, what: str) -> dict[str, Any] | None:
@@ -110,51 +93,15 @@ async def escalate(args: EscalateArgs, ctx: ToolContext) -> dict[str, Any]:
     """Alert the owner by text about this conversation (once per category). Use it for
     emergencies, upset callers, callers who insist on the owner, and jobs beyond what you may
     handle. Tell the caller the owner has been told and will call back."""
-    callback = args.callback_number or ctx.caller
-    async with tenant_session(ctx.db, ctx.tenant) as session:
-        escalation = await session.scalar(
-            select(Escalation).where(
-                Escalation.conversation_id == ctx.conversation_id,
-                Escalation.category == args.category,
-            )
-        )
-        if escalation is not None and escalation.notified_at is not None:
-            return {
-                "status": "already_escalated",
-                "message": "The owner was already alerted about this in this conversation.",
-            }
-        if escalation is None:
-            escalation = Escalation(
-                conversation_id=ctx.conversation_id,
-                channel=ctx.channel,
-                caller=ctx.caller,
-                category=args.category,
-                summary=args.summary.strip(),
-                callback_number=callback,
-            )
-            session.add(escalation)
-            lead = await conversation_lead(session, ctx)
-            record_activity(
-                session,
-                ctx,
-                "escalation",
-                f"Escalated ({CATEGORY_WORDS[args.category]}): {args.summary.strip()}",
-                lead_id=lead.id if lead else None,
-                data={"category": args.category, "callback": callback},
-            )
-            try:
-                await session.commit()
-            except IntegrityError:
-                # The same escalation raced in from a parallel tool call; it does the alerting.
-                return {
-                    "status": "already_escalated",
-                    "message": "The owner was already alerted about this in this conversation.",
-                }
-        notified, problem = await _alert_owner(ctx, escalation)
-        if notified:
-            escalation.notified_at = datetime.now(UTC)
-            await session.commit()
-    if notified:
+    result = await escalate_once(
+        ctx, args.category, args.summary, callback_number=args.callback_number
+    )
+    if result.outcome == "already_escalated":
+        return {
+            "status": "already_escalated",
+            "message": "The owner was already alerted about this in this conversation.",
+        }
+    if result.outcome == "notified":
         return {
             "status": "ok",
             "owner_notified": True,
@@ -163,41 +110,9 @@ async def escalate(args: EscalateArgs, ctx: ToolContext) -> dict[str, Any]:
     return {
         "status": "recorded",
         "owner_notified": False,
-        "message": f"Noted for {ctx.profile.owner_name}, but no text went out ({problem}). "
+        "message": f"Noted for {ctx.profile.owner_name}, but no text went out ({result.problem}). "
         "Tell the caller the team will see it and call back; do not promise an immediate call.",
     }
-
-
-async def _alert_owner(ctx: ToolContext, escalation: Escalation) -> tuple[bool, str]:
-    """Text every owner number; (at least one text went out, why not otherwise)."""
-    if not ctx.profile.escalation.notify_owner:
-        return False, "owner alerts are switched off for this business"
-    if not ctx.profile.owner_numbers:
-        return False, "no owner number is configured"
-    if ctx.notifier is None:
-        return False, "texting is not set up"
-    body = _alert_text(ctx, escalation)
-    sent = 0
-    for number in ctx.profile.owner_numbers:
-        try:
-            await ctx.notifier.send_sms(ctx.tenant, number, body, reason="escalation")
-            sent += 1
-        except Exception:  # one failed owner number must not stop the others
-            continue
-    return sent > 0, "sending the text failed"
-
-
-def _alert_text(ctx: ToolContext, escalation: Escalation) -> str:
-    via = "call" if escalation.channel == "voice" else "text"
-    head = f"{ctx.profile.name}: {CATEGORY_WORDS[escalation.category]} ({via}). "
-    tail = f" Call back: {spoken_phone(escalation.callback_number) or 'number withheld'}"
-    room = SMS_LIMIT - len(head) - len(tail)
-    summary = (
-        escalation.summary
-        if len(escalation.summary) <= room
-        else (escalation.summary[: max(0, room - 1)] + "…")
-    )
-    return head + summary + tail
 
 
 # -- transfer_to_human ----------------------------------------------------------------------------

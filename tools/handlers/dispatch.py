@@ -13,10 +13,14 @@ from tools.db.tenancy import tenant_session
 from tools.handlers.bookings import moment, record_activity, zone_of
 from tools.matching import spoken_phone
 from tools.registry import tool
+from tools.spool import LEAD as SPOOLED_LEAD
+from tools.spool import SPOOL_KEY, Spool, is_store_outage
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncSession
+    from redis.asyncio import Redis
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+    from prompts.profiles import BusinessProfile
     from tools.context import ToolContext
 
 DISPATCHER = {"dispatcher"}
@@ -133,6 +137,25 @@ async def capture_lead(args: CaptureLeadArgs, ctx: ToolContext) -> dict[str, Any
     the name, what needs doing, where, and how urgent it is. Calling it again in the same
     conversation for the same job updates that request instead of adding another."""
     phone = args.callback_number or (ctx.caller if is_textable(ctx.caller) else None)
+    try:
+        lead, existing = await _store_lead(args, ctx, phone)
+    except Exception as error:
+        spool = ctx.extra.get(SPOOL_KEY)
+        if not isinstance(spool, Spool) or not is_store_outage(error):
+            raise
+        return await _spool_lead(spool, args, ctx, phone)
+    result: dict[str, Any] = {
+        "status": "updated" if existing else "ok",
+        "lead": _lead_view(lead, ctx),
+        "callback_number": spoken_phone(lead.phone),
+    }
+    return result | _next_step(args, lead.phone)
+
+
+async def _store_lead(
+    args: CaptureLeadArgs, ctx: ToolContext, phone: str | None
+) -> tuple[Lead, bool]:
+    """Insert the lead, or update this conversation's lead for the same job; (lead, existed)."""
     source = "sms" if ctx.channel == "sms" else "voice"
     async with tenant_session(ctx.db, ctx.tenant) as session:
         existing = await session.scalar(
@@ -163,19 +186,83 @@ async def capture_lead(args: CaptureLeadArgs, ctx: ToolContext) -> dict[str, Any
             data={"channel": ctx.channel, "caller": ctx.caller},
         )
         await session.commit()
-    result: dict[str, Any] = {
-        "status": "updated" if existing else "ok",
-        "lead": _lead_view(lead, ctx),
-        "callback_number": spoken_phone(lead.phone),
+    return lead, existing is not None
+
+
+def _next_step(args: CaptureLeadArgs, phone: str | None) -> dict[str, str]:
+    if phone is None:
+        return {"next": "No callback number: ask the caller for one and capture again."}
+    if args.urgency == "emergency":
+        return {
+            "next": "This is an emergency: also call escalate with category 'emergency' so "
+            "the owner is alerted now."
+        }
+    return {}
+
+
+async def _spool_lead(
+    spool: Spool, args: CaptureLeadArgs, ctx: ToolContext, phone: str | None
+) -> dict[str, Any]:
+    """The database is unreachable: keep the lead on local disk until it is back.
+
+    It has no database id yet; the spool entry's tail is its reference. The replay goes through
+    `_store_lead` again, whose upsert on (conversation, job type) makes replays idempotent.
+    """
+    entry = await spool.put(
+        SPOOLED_LEAD,
+        {
+            "tenant": ctx.tenant,
+            "conversation_id": ctx.conversation_id,
+            "channel": ctx.channel,
+            "caller": ctx.caller,
+            "persona": ctx.persona,
+            "arguments": args.model_dump(mode="json"),
+        },
+    )
+    view = {
+        "id": None,
+        "reference": entry[-8:],
+        "name": args.name.strip(),
+        "job": args.job_type.strip(),
+        "address": args.address.strip(),
+        "urgency": args.urgency,
+        "status": "new",
     }
-    if lead.phone is None:
-        result["next"] = "No callback number: ask the caller for one and capture again."
-    elif args.urgency == "emergency":
-        result["next"] = (
-            "This is an emergency: also call escalate with category 'emergency' so the owner "
-            "is alerted now."
-        )
-    return result
+    return {
+        "status": "ok",
+        "saved": "queued",
+        "lead": view,
+        "callback_number": spoken_phone(phone),
+        "message": "Taken down; it reaches the team's records as soon as they are reachable.",
+    } | _next_step(args, phone)
+
+
+async def replay_spooled_lead(
+    payload: dict[str, Any],
+    *,
+    db: async_sessionmaker[AsyncSession],
+    kv: Redis,
+    profile: BusinessProfile,
+) -> None:
+    """Write a lead `_spool_lead` kept while the database was down (the spool's flusher)."""
+    from tools.context import ToolContext
+    from tools.conversation import ConversationLog
+
+    conversation_id = str(payload["conversation_id"])
+    ctx = ToolContext(
+        tenant=str(payload["tenant"]),
+        profile=profile,
+        channel=payload.get("channel", "voice"),
+        conversation_id=conversation_id,
+        caller=str(payload.get("caller", "")),
+        persona=str(payload.get("persona", "dispatcher")),
+        db=db,
+        kv=kv,
+        conversation=ConversationLog(kv, conversation_id),
+    )
+    args = CaptureLeadArgs.model_validate(payload["arguments"])
+    phone = args.callback_number or (ctx.caller if is_textable(ctx.caller) else None)
+    await _store_lead(args, ctx, phone)
 
 
 def _lead_view(lead: Lead, ctx: ToolContext) -> dict[str, Any]:

@@ -1,0 +1,142 @@
+"""CallProtocol hot path: the per-stream frame limit, decode-once parsing, append batching."""
+
+from __future__ import annotations
+
+import base64
+
+import orjson
+import pytest
+
+from bridge import realtime as rt
+from bridge import twilio_media as tw
+from bridge.call_protocol import CallProtocol
+
+FRAME = tw.TwilioStreamWriter("MZ" + "0" * 32, "CA" + "0" * 32, "AC" + "0" * 32)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def media(byte: int = 0x7F) -> tw.TwilioEvent:
+    return tw.parse_frame(FRAME.media(bytes([byte]) * 160))
+
+
+def appended(p: CallProtocol) -> int:
+    return sum('"input_audio_buffer.append"' in f for f in p.realtime_frames_to_send())
+
+
+@pytest.mark.parametrize("mode", ["pcm16", "g711"])
+def test_a_flood_beyond_the_burst_is_dropped_as_rate_limited(mode: str) -> None:
+    clock = FakeClock()
+    p = CallProtocol(
+        stream_sid="MZ1", audio_mode=mode, max_frames_per_s=50, frame_burst=10, monotonic=clock
+    )
+    for _ in range(25):  # all at the same instant
+        p.receive_twilio(media())
+    assert appended(p) == 10
+    assert p.stats.frames_in == 10
+    assert p.stats.frames_dropped == {"rate_limited": 15}
+
+
+def test_the_bucket_refills_at_the_configured_rate() -> None:
+    clock = FakeClock()
+    p = CallProtocol(
+        stream_sid="MZ1", audio_mode="g711", max_frames_per_s=40, frame_burst=10, monotonic=clock
+    )
+    for _ in range(10):
+        p.receive_twilio(media())
+    p.receive_twilio(media())
+    assert p.stats.frames_dropped == {"rate_limited": 1}
+    clock.now += 0.125  # 5 frames' worth at 40 per second (exact in binary)
+    for _ in range(8):
+        p.receive_twilio(media())
+    assert p.stats.frames_in == 15
+    assert p.stats.frames_dropped == {"rate_limited": 4}
+    clock.now += 60.0  # a long quiet spell refills only up to the burst
+    for _ in range(12):
+        p.receive_twilio(media())
+    assert p.stats.frames_in == 25
+    assert p.stats.frames_dropped == {"rate_limited": 6}
+
+
+def test_a_real_time_stream_is_never_limited() -> None:
+    clock = FakeClock()
+    p = CallProtocol(stream_sid="MZ1", audio_mode="pcm16", monotonic=clock)
+    for _ in range(3000):  # a minute of Twilio's 50 frames a second
+        p.receive_twilio(media())
+        clock.now += 0.02
+    assert p.stats.frames_in == 3000
+    assert p.stats.frames_dropped == {}
+
+
+def test_marks_and_other_events_do_not_count_against_the_limit() -> None:
+    clock = FakeClock()
+    p = CallProtocol(
+        stream_sid="MZ1", audio_mode="g711", max_frames_per_s=5, frame_burst=2, monotonic=clock
+    )
+    for i in range(20):
+        p.receive_twilio(tw.parse_frame(FRAME.mark(f"m{i}")))
+    p.receive_twilio(media())
+    p.receive_twilio(media())
+    assert p.stats.frames_in == 2
+    assert p.stats.frames_dropped == {}
+
+
+def test_decoded_payload_is_used_and_matches_the_base64() -> None:
+    event = media(0x12)
+    assert isinstance(event, tw.Media)
+    assert event.audio == base64.b64decode(event.payload) == bytes([0x12]) * 160
+    delta = base64.b64encode(b"\x01\x02" * 240).decode()
+    frame = orjson_delta(delta)
+    parsed = rt.parse_server_event(frame)
+    assert isinstance(parsed, rt.AudioDelta)
+    assert parsed.audio == b"\x01\x02" * 240
+
+
+@pytest.mark.parametrize("bad", ["QQ=", "A99/=", "QQ==QQ==", "QQ\n=", 'QQ"='])
+def test_non_canonical_base64_is_still_refused(bad: str) -> None:
+    assert isinstance(rt.parse_server_event(orjson_delta(bad)), rt.Malformed)
+    frame = FRAME.media(b"\x00" * 3).replace("AAAA", bad)
+    assert isinstance(tw.parse_frame(frame), tw.Malformed)
+
+
+def orjson_delta(delta: str) -> str:
+    return rt.encode(
+        {
+            "type": "response.output_audio.delta",
+            "response_id": "resp_1",
+            "item_id": "item_1",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": delta,
+        }
+    )
+
+
+def test_batched_appends_carry_the_same_audio_as_one_per_frame() -> None:
+    frames = [media(byte) for byte in (0x10, 0x20, 0x30, 0x40, 0x50)]
+    single = CallProtocol(stream_sid="MZ1", audio_mode="pcm16")
+    batched = CallProtocol(stream_sid="MZ1", audio_mode="pcm16", append_batch_frames=2)
+    for frame in frames:
+        single.receive_twilio(frame)
+        batched.receive_twilio(frame)
+    one_each = appended_audio(single)
+    pairs = appended_audio(batched)
+    assert [len(a) for a in one_each] == [960] * 5
+    assert [len(a) for a in pairs] == [1920, 1920]  # the fifth frame waits for its partner
+    batched.receive_twilio(tw.parse_frame(FRAME.stop()))
+    pairs += appended_audio(batched)
+    assert b"".join(pairs) == b"".join(one_each)
+
+
+def appended_audio(p: CallProtocol) -> list[bytes]:
+    return [
+        base64.b64decode(orjson.loads(f)["audio"])
+        for f in p.realtime_frames_to_send()
+        if '"input_audio_buffer.append"' in f
+    ]

@@ -1,0 +1,110 @@
+"""`switchboard loadtest` and `switchboard bench codec`: well-formed, self-consistent reports.
+
+Small N, short calls, real processes on loopback (server worker, echo emulator). No timing
+thresholds: only what must hold on any machine (every byte comes back, nothing fails, the
+numbers agree with each other).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from app import loadtest as lt
+from app.cli import cli
+from bridge.sim.load import FRAME_MS
+
+CALLS = 3
+DURATION_S = 2.0
+
+
+@pytest.fixture(scope="module", params=["pcm16", "g711"])
+def report(request: pytest.FixtureRequest) -> lt.Report:
+    return lt.loadtest(CALLS, DURATION_S, server=lt.ServerOptions(mode=request.param))
+
+
+def test_every_call_completes_and_every_byte_comes_back(report: lt.Report) -> None:
+    assert report.errors == 0, report.error_samples
+    assert report.completed_calls == CALLS
+    assert report.audio_returned_pct == 100.0
+
+
+def test_latency_is_measured_for_every_frame_of_every_call(report: lt.Report) -> None:
+    frames = round(DURATION_S * 1000 / FRAME_MS)
+    latency = report.latency_ms
+    assert latency["count"] == CALLS * frames
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+
+
+def test_each_call_had_one_barge_in_answered_with_clear_and_cancel(report: lt.Report) -> None:
+    assert report.barge_in_ms["count"] == CALLS
+    assert report.barge_in_clear_loop_ms["count"] == CALLS
+    assert 0 < report.barge_in_ms["p50"] <= report.barge_in_ms["max"]
+
+
+def test_server_usage_is_read_from_proc(report: lt.Report) -> None:
+    assert report.cpu_ms_per_call_s is not None and report.cpu_ms_per_call_s > 0
+    assert report.cpu_window_s is not None and report.cpu_window_s > 0
+    rss = report.rss_mib
+    assert rss["baseline"] is not None and rss["peak"] is not None and rss["after"] is not None
+    assert rss["peak"] >= rss["baseline"]
+    assert report.machine["cores"] == os.cpu_count()
+
+
+def test_the_resampler_delay_is_reported_in_pcm16_only(report: lt.Report) -> None:
+    assert (report.algorithmic_delay_ms > 0) == (report.mode == "pcm16")
+
+
+def test_report_formats_and_serialises(report: lt.Report) -> None:
+    text = lt.format_report(report)
+    assert "audio returned: 100.00 %" in text
+    assert "errors: 0" in text
+    data = json.loads(json.dumps(lt.asdict(report)))
+    assert lt.Report(**data) == report
+
+
+def test_a_non_loopback_target_is_refused_unless_allowed() -> None:
+    with pytest.raises(lt.LoadTestError, match="not a loopback"):
+        lt.check_loopback("http://192.0.2.10:8080", allow_remote=False)
+    lt.check_loopback("http://192.0.2.10:8080", allow_remote=True)
+    lt.check_loopback("http://127.0.0.1:8080", allow_remote=False)
+    lt.check_loopback("http://localhost:8080", allow_remote=False)
+
+
+def test_capacity_is_the_highest_step_that_held() -> None:
+    result = lt.find_capacity(DURATION_S, server=lt.ServerOptions(), start=1, step=1, max_calls=2)
+    steps = result["steps"]
+    assert [s["calls"] for s in steps] == [1, 2][: len(steps)]
+    held = [s["calls"] for s in steps if lt.Report(**s).held()]
+    assert result["held_calls"] == (max(held) if held else None)
+    assert result["workers"] == 1
+
+
+def test_percentiles_of_known_values() -> None:
+    stats = lt.percentiles(list(range(1, 101)))
+    assert stats["count"] == 100
+    assert stats["max"] == 100
+    assert stats["p50"] == 50.5
+    assert lt.percentiles([])["p99"] is None
+
+
+def test_loadtest_cli_prints_json() -> None:
+    result = CliRunner().invoke(
+        cli, ["loadtest", "--calls", "2", "--duration", "2", "--mode", "g711", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout)["runs"][0]
+    assert run["calls"] == 2 and run["mode"] == "g711" and run["errors"] == 0
+
+
+def test_bench_codec_reports_each_direction_in_both_modes() -> None:
+    result = CliRunner().invoke(
+        cli, ["bench", "codec", "--frames", "50", "--repeats", "1", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    for name in ("inbound_pcm16_us", "outbound_pcm16_us", "inbound_g711_us", "outbound_g711_us"):
+        assert figures[name] > 0

@@ -66,7 +66,7 @@ def serve(
     from app.logging_setup import configure_logging
 
     settings = _settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, redact=settings.log_redact_phone_numbers)
     bind_host = host or settings.host
     bind_port = settings.port if port is None else port
     asyncio.run(_serve(settings, bind_host, bind_port))

@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     )
 
     log_level: str = "INFO"
+    log_redact_phone_numbers: bool = Field(
+        True, description="Logs show phone numbers by their last four digits only."
+    )
 
     @property
     def uses_openai(self) -> bool:

@@ -94,6 +94,17 @@ def test_numbers_are_redacted_in_messages_and_fields() -> None:
     assert parsed["to"] == "+*******0006"
 
 
+def test_redaction_can_be_turned_off_but_secrets_stay_scrubbed() -> None:
+    # LOG_REDACT_PHONE_NUMBERS=false: numbers are kept whole; secrets never are.
+    formatter = JsonFormatter(redact=False)
+    record = logging.LogRecord(
+        "x", logging.INFO, "", 0, "call from %s with %s", ("+14155550123", "Bearer sk-abc123"), None
+    )
+    parsed = orjson.loads(formatter.format(record))
+    assert "+14155550123" in parsed["msg"]
+    assert "sk-abc123" not in parsed["msg"]
+
+
 # -- a whole call ------------------------------------------------------------------------------
 
 

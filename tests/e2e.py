@@ -16,6 +16,7 @@ from twilio.request_validator import RequestValidator
 from app.embedded import RunningServer, bind_loopback, running_server, wait_until
 from app.settings import Settings
 from bridge.sim import voice
+from bridge.sim.caller import DEMO_SCRIPT, CallerScript, CallReport, place_call
 from bridge.sim.emulator import Emulator, run_emulator
 from bridge.sim.scenario import Scenario
 
@@ -83,6 +84,28 @@ async def incoming_call(stack: Stack, call_sid: str, **extra: str) -> httpx.Resp
     url = stack.url + "/voice/incoming"
     async with httpx.AsyncClient() as client:
         return await client.post(url, data=params, headers=signed_headers(url, params))
+
+
+async def simulated_call(
+    stack: Stack,
+    script: CallerScript = DEMO_SCRIPT,
+    *,
+    caller: str = CALLER_NUMBER,
+    pace: float = 0.0,
+    **options: Any,
+) -> CallReport:
+    """A signed simulated Twilio call to the demo business, run to its end on the server."""
+    report = await place_call(
+        server_url=stack.url,
+        auth_token=AUTH_TOKEN,
+        to=BUSINESS_NUMBER,
+        from_=caller,
+        script=script,
+        pace=pace,
+        **options,
+    )
+    await wait_until_idle(stack)
+    return report
 
 
 async def wait_until_idle(stack: Stack, timeout_s: float = 10.0) -> None:

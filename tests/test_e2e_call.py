@@ -17,16 +17,16 @@ from sqlalchemy import func, select
 from app.embedded import wait_until
 from bridge import twilio_media as tw
 from bridge.sim import voice
-from bridge.sim.caller import BARGE_IN_SCRIPT, DEMO_SCRIPT, place_call
+from bridge.sim.caller import BARGE_IN_SCRIPT, DEMO_SCRIPT
 from bridge.sim.scenario import Scenario, call_tool, end, expect_tool_status, hear, say
 from tests.e2e import (
-    AUTH_TOKEN,
     BUSINESS_NUMBER,
     CALLER_NUMBER,
     call_stack,
     expected_word_frequencies,
     incoming_call,
     read_wav_pcm,
+    simulated_call,
     wait_until_idle,
     word_frequencies,
 )
@@ -48,16 +48,7 @@ async def test_audio_flows_both_ways_in_order_and_the_lead_is_stored(
 ) -> None:
     heard_wav = tmp_path / "heard.wav"
     async with call_stack("demo", database_url=sqlite_url, audio_mode=audio_mode) as stack:
-        report = await place_call(
-            server_url=stack.url,
-            auth_token=AUTH_TOKEN,
-            to=BUSINESS_NUMBER,
-            from_=CALLER_NUMBER,
-            script=DEMO_SCRIPT,
-            pace=0,
-            record_wav=heard_wav,
-        )
-        await wait_until_idle(stack)
+        report = await simulated_call(stack, DEMO_SCRIPT, record_wav=heard_wav)
         (session,) = stack.emulator.sessions
         async with stack.services.db() as db:
             leads = (await db.execute(select(Lead))).scalars().all()
@@ -99,15 +90,7 @@ async def test_the_same_call_runs_on_real_redis_and_postgresql(
     redis_url: str, postgres_url: str
 ) -> None:
     async with call_stack("demo", database_url=postgres_url, redis_url=redis_url) as stack:
-        report = await place_call(
-            server_url=stack.url,
-            auth_token=AUTH_TOKEN,
-            to=BUSINESS_NUMBER,
-            from_=CALLER_NUMBER,
-            script=DEMO_SCRIPT,
-            pace=0,
-        )
-        await wait_until_idle(stack)
+        report = await simulated_call(stack, DEMO_SCRIPT)
         async with stack.services.db() as db:
             assert (await db.scalar(select(func.count()).select_from(Lead))) == 1
             outcomes = (await db.execute(select(AuditLog.outcome).order_by(AuditLog.id))).all()
@@ -128,15 +111,7 @@ async def test_barge_in_clears_twilio_and_truncates_at_what_the_caller_heard(
     # 4x faster too): generation is still going when the caller interrupts, so the response
     # must be cancelled as well.
     async with call_stack("barge_in", database_url=sqlite_url, speed=speed) as stack:
-        report = await place_call(
-            server_url=stack.url,
-            auth_token=AUTH_TOKEN,
-            to=BUSINESS_NUMBER,
-            from_=CALLER_NUMBER,
-            script=BARGE_IN_SCRIPT,
-            pace=0.25,  # 4x faster than real time
-        )
-        await wait_until_idle(stack)
+        report = await simulated_call(stack, BARGE_IN_SCRIPT, pace=0.25)  # 4x real time
         (session,) = stack.emulator.sessions
 
     assert report.violations == []
@@ -343,15 +318,7 @@ async def test_a_write_runs_only_after_the_caller_says_yes_and_only_once(
 ) -> None:
     async with call_stack(WRITE_WITHOUT_ASKING, database_url=sqlite_url) as stack:
         script = DEMO_SCRIPT  # greeting, a long turn, a short "yes" turn, hang up
-        report = await place_call(
-            server_url=stack.url,
-            auth_token=AUTH_TOKEN,
-            to=BUSINESS_NUMBER,
-            from_=CALLER_NUMBER,
-            script=script,
-            pace=0,
-        )
-        await wait_until_idle(stack)
+        report = await simulated_call(stack, script)
         (session,) = stack.emulator.sessions
         async with stack.services.db() as db:
             leads = (await db.execute(select(Lead))).scalars().all()
@@ -399,15 +366,7 @@ async def test_only_the_owner_with_the_pin_gets_the_crm_operator(
 
     script = CallerScript("pin", (wait_for_agent(), dtmf(digits), silence(600), hang_up()))
     async with call_stack(GREET_ONLY, database_url=sqlite_url) as stack:
-        report = await place_call(
-            server_url=stack.url,
-            auth_token=AUTH_TOKEN,
-            to=BUSINESS_NUMBER,
-            from_=caller,
-            script=script,
-            pace=0,
-        )
-        await wait_until_idle(stack)
+        report = await simulated_call(stack, script, caller=caller)
         (session,) = stack.emulator.sessions
         async with stack.services.db() as db:
             call = (await db.execute(select(Call))).scalar_one()

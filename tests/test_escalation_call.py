@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bridge.sim.caller import DEMO_SCRIPT, place_call
+from bridge.sim.caller import DEMO_SCRIPT
 from bridge.sim.scenario import Scenario, call_tool, end, hear, say
 from bridge.sim.twilio_rest import FakeTwilio, run_twilio_rest
 from tests.e2e import (
@@ -17,7 +17,7 @@ from tests.e2e import (
     BUSINESS_NUMBER,
     CALLER_NUMBER,
     call_stack,
-    wait_until_idle,
+    simulated_call,
 )
 
 ACCOUNT_SID = "AC" + "e" * 32
@@ -45,15 +45,7 @@ async def twilio() -> AsyncIterator[FakeTwilio]:
 
 
 async def _call(stack: Any) -> None:
-    await place_call(
-        server_url=stack.url,
-        auth_token=AUTH_TOKEN,
-        to=BUSINESS_NUMBER,
-        from_=CALLER_NUMBER,
-        script=DEMO_SCRIPT,
-        pace=0,
-    )
-    await wait_until_idle(stack)
+    await simulated_call(stack, DEMO_SCRIPT)
     assert await stack.services.notifier.drain(20)
 
 

@@ -14,8 +14,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import correlation
 from app.logging_setup import JsonFormatter, register_secret
-from bridge.sim.caller import DEMO_SCRIPT, place_call
-from tests.e2e import AUTH_TOKEN, BUSINESS_NUMBER, CALLER_NUMBER, call_stack, wait_until_idle
+from bridge.sim.caller import DEMO_SCRIPT
+from tests.e2e import (
+    AUTH_TOKEN,
+    BUSINESS_NUMBER,
+    CALLER_NUMBER,
+    call_stack,
+    simulated_call,
+)
 
 OPENAI_KEY = "sk-test-observability-0123456789abcdef"
 
@@ -121,15 +127,7 @@ async def test_a_call_leaves_json_logs_with_its_id_and_moves_the_metrics(
                 data={"CallSid": "CA" + "0" * 32, "From": CALLER_NUMBER, "To": BUSINESS_NUMBER},
                 headers={"X-Twilio-Signature": "forged"},
             )
-            report = await place_call(
-                server_url=stack.url,
-                auth_token=AUTH_TOKEN,
-                to=BUSINESS_NUMBER,
-                from_=CALLER_NUMBER,
-                script=DEMO_SCRIPT,
-                pace=0,
-            )
-            await wait_until_idle(stack)
+            report = await simulated_call(stack, DEMO_SCRIPT)
             after = (await http.get("/metrics")).text
             health = await http.get("/healthz")
             stack.services.draining = True

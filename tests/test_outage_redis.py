@@ -26,7 +26,14 @@ from sqlalchemy import select
 from app.embedded import wait_until
 from bridge.sim.caller import DEMO_SCRIPT, place_call
 from prompts.profiles import BusinessProfile
-from tests.e2e import AUTH_TOKEN, BUSINESS_NUMBER, CALLER_NUMBER, call_stack, wait_until_idle
+from tests.e2e import (
+    AUTH_TOKEN,
+    BUSINESS_NUMBER,
+    CALLER_NUMBER,
+    call_stack,
+    simulated_call,
+    wait_until_idle,
+)
 from tests.servers import ServerBinaries, free_port
 from tools import ToolContext, run
 from tools.conversation import ConversationLog
@@ -101,15 +108,7 @@ async def test_redis_outage_mid_call_then_recovery(
                 if "degraded" not in after.json():
                     break
                 await asyncio.sleep(0.1)
-            second = await place_call(
-                server_url=stack.url,
-                auth_token=AUTH_TOKEN,
-                to=BUSINESS_NUMBER,
-                from_=CALLER_NUMBER,
-                script=DEMO_SCRIPT,
-                pace=0,
-            )
-            await wait_until_idle(stack)
+            second = await simulated_call(stack, DEMO_SCRIPT)
             metrics = (await http.get("/metrics")).text
         async with services.db() as db:
             calls = {c.call_sid: c for c in (await db.execute(select(Call))).scalars()}

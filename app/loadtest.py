@@ -374,7 +374,7 @@ class ServerOptions:
     mode: str = "pcm16"
     workers: int = 1
     # As `switchboard serve` runs: asyncio's loop, uvicorn's default WebSocket stack.
-    loop: str = "asyncio"
+    loop: str = "uvloop"  # as `switchboard serve` runs
     ws: str = "auto"
     pin: bool = True
     profile_dir: Path | None = None
@@ -791,7 +791,7 @@ def worker_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m app.loadtest worker")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--cpu", type=int, default=None)
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
     parser.add_argument("--ws", default="auto")
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument("--append-batch", type=int, default=1)

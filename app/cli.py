@@ -449,9 +449,6 @@ def loadtest(
     profile_dir: Annotated[
         Path | None, typer.Option(file_okay=False, help="cProfile each worker into this folder.")
     ] = None,
-    append_batch: Annotated[
-        int, typer.Option(min=1, max=3, help="Experiment: caller frames per upstream append.")
-    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Measure capacity: N simulated Twilio callers against the server and the echo emulator.
@@ -474,7 +471,6 @@ def loadtest(
         ws=ws,
         pin=pin,
         profile_dir=profile_dir,
-        append_batch=append_batch,
     )
     progress = functools.partial(typer.echo, err=True)
     try:

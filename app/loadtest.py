@@ -379,7 +379,6 @@ class ServerOptions:
     pin: bool = True
     profile_dir: Path | None = None
     max_calls_per_worker: int = 10_000
-    append_batch: int = 1  # experiment: caller frames per upstream append (pcm16)
 
 
 @dataclass
@@ -444,7 +443,6 @@ def start_stack(options: ServerOptions, barge_in_at_ms: float | None) -> Iterato
         for i in range(options.workers):
             argv = ["-m", "app.loadtest", "worker", "--port", str(port)]
             argv += ["--loop", options.loop, "--ws", options.ws]
-            argv += ["--append-batch", str(options.append_batch)]
             if server_cores:
                 argv += ["--cpu", str(server_cores[i % len(server_cores)])]
             if options.profile_dir is not None:
@@ -794,13 +792,7 @@ def worker_main(argv: list[str]) -> None:
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
     parser.add_argument("--ws", default="auto")
     parser.add_argument("--profile", type=Path, default=None)
-    parser.add_argument("--append-batch", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.append_batch > 1:
-        # An experiment, in this worker process only: no setting carries it yet.
-        from bridge.call_protocol import CallProtocol
-
-        CallProtocol.__init__.__kwdefaults__["append_batch_frames"] = args.append_batch
     if args.cpu is not None:
         with contextlib.suppress(OSError, AttributeError):
             os.sched_setaffinity(0, {args.cpu})

@@ -68,7 +68,6 @@ class CallProtocol:
         max_frames_per_s: int = 100,
         frame_burst: int = 1000,
         monotonic: Callable[[], float] = time.monotonic,
-        append_batch_frames: int = 1,
     ) -> None:
         self.stream_sid = stream_sid
         self.audio_mode = audio_mode
@@ -83,11 +82,6 @@ class CallProtocol:
         self._monotonic = monotonic
         self._frame_tokens = float(frame_burst)
         self._tokens_at = monotonic()
-        # pcm16 mode: caller frames per input_audio_buffer.append. 2 halves the messages up
-        # and (echoed) down, and holds every other 20 ms frame until the next one arrives:
-        # Twilio streams frames continuously, so the hold is one frame (20 ms) at most.
-        self.append_batch_frames = max(1, append_batch_frames)
-        self._held_pcm: list[bytes] = []
         self._inbound = InboundTranscoder() if audio_mode == "pcm16" else None
         self._outbound = OutboundTranscoder() if audio_mode == "pcm16" else None
         self.playback = Playback()
@@ -186,7 +180,6 @@ class CallProtocol:
             # must not grow this without bound.
             self.dtmf_digits = (self.dtmf_digits + event.digit)[-MAX_DTMF_DIGITS:]
         elif type(event) is tw.Stop:
-            self._flush_caller_audio()
             self.finished = self.finished or "caller hung up"
         elif type(event) is tw.Malformed:
             self.stats.dropped("malformed")
@@ -219,20 +212,7 @@ class CallProtocol:
                 self.stats.dropped("bad_base64")
                 return
         pcm = self._inbound.process(ulaw)
-        if self.append_batch_frames > 1:
-            held = self._held_pcm
-            held.append(pcm)
-            if len(held) < self.append_batch_frames:
-                return
-            pcm = b"".join(held)
-            held.clear()
         self._to_realtime.append(rt.append_audio(base64.b64encode(pcm).decode("ascii")))
-
-    def _flush_caller_audio(self) -> None:
-        if self._held_pcm:
-            pcm = b"".join(self._held_pcm)
-            self._held_pcm.clear()
-            self._to_realtime.append(rt.append_audio(base64.b64encode(pcm).decode("ascii")))
 
     # -- model -> Twilio -------------------------------------------------------------------
     def receive_realtime(self, event: rt.ServerEvent) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 
-import orjson
 import pytest
 
 from bridge import realtime as rt
@@ -116,27 +115,3 @@ def orjson_delta(delta: str) -> str:
             "delta": delta,
         }
     )
-
-
-def test_batched_appends_carry_the_same_audio_as_one_per_frame() -> None:
-    frames = [media(byte) for byte in (0x10, 0x20, 0x30, 0x40, 0x50)]
-    single = CallProtocol(stream_sid="MZ1", audio_mode="pcm16")
-    batched = CallProtocol(stream_sid="MZ1", audio_mode="pcm16", append_batch_frames=2)
-    for frame in frames:
-        single.receive_twilio(frame)
-        batched.receive_twilio(frame)
-    one_each = appended_audio(single)
-    pairs = appended_audio(batched)
-    assert [len(a) for a in one_each] == [960] * 5
-    assert [len(a) for a in pairs] == [1920, 1920]  # the fifth frame waits for its partner
-    batched.receive_twilio(tw.parse_frame(FRAME.stop()))
-    pairs += appended_audio(batched)
-    assert b"".join(pairs) == b"".join(one_each)
-
-
-def appended_audio(p: CallProtocol) -> list[bytes]:
-    return [
-        base64.b64decode(orjson.loads(f)["audio"])
-        for f in p.realtime_frames_to_send()
-        if '"input_audio_buffer.append"' in f
-    ]

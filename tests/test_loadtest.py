@@ -108,3 +108,36 @@ def test_bench_codec_reports_each_direction_in_both_modes() -> None:
     figures = json.loads(result.stdout)
     for name in ("inbound_pcm16_us", "outbound_pcm16_us", "inbound_g711_us", "outbound_g711_us"):
         assert figures[name] > 0
+
+
+def test_the_load_emulator_speaks_only_sdk_valid_events() -> None:
+    # The load emulator adds its own events to the validated emulator (a timed speech_started,
+    # an audio-less greeting): every frame of a whole session must still validate.
+    import base64
+
+    from bridge import realtime as rt
+    from bridge.sim.load import EmulatorStats, LoadEchoSession
+    from tests.sdk_oracle import assert_valid_server_event
+
+    stats = EmulatorStats()
+    session = LoadEchoSession(stats, barge_in_at_ms=100)
+    session.open()
+    update = rt.session_update(
+        instructions="echo",
+        tools=[],
+        audio_mode="g711",
+        voice="marin",
+        transcription_model="gpt-4o-mini-transcribe",
+    )
+    session.receive(rt.encode(update))
+    session.receive(rt.encode(rt.response_create(instructions="greet")))
+    frame = base64.b64encode(b"\x10" * 160).decode()  # 20 ms of loud mu-law
+    for _ in range(10):  # 200 ms: past the barge-in point
+        session.receive(rt.append_audio(frame))
+    session.receive(rt.encode(rt.response_cancel()))
+    sent = [json.loads(f) for f in session.data_to_send()]
+    for event in sent:
+        assert_valid_server_event(event)
+    types = [e["type"] for e in sent]
+    assert "input_audio_buffer.speech_started" in types and "response.output_audio.delta" in types
+    assert stats.barge_ins == 1 and len(stats.reaction_ms) == 1 and stats.errors_sent == 0

@@ -7,11 +7,13 @@ the schema and the validation can never disagree.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
@@ -105,7 +107,16 @@ def tool(
 
 
 def json_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The model's JSON schema, inlined (no $defs) because function schemas must stand alone."""
+    """The model's JSON schema, inlined (no $defs) because function schemas must stand alone.
+
+    A fresh copy each time (callers may edit it); pydantic builds it once per model, since
+    building it costs milliseconds and every call's session.update needs every tool's.
+    """
+    return orjson.loads(_json_schema_bytes(model))
+
+
+@functools.cache
+def _json_schema_bytes(model: type[BaseModel]) -> bytes:
     schema = model.model_json_schema()
     defs = schema.pop("$defs", {})
 
@@ -122,7 +133,7 @@ def json_schema(model: type[BaseModel]) -> dict[str, Any]:
     out = inline(schema)
     out.setdefault("properties", {})
     out["type"] = "object"
-    return out
+    return orjson.dumps(out)
 
 
 def tools_for(persona: str) -> list[Tool]:

@@ -84,7 +84,7 @@ class CallProtocol:
         self._tokens_at = monotonic()
         self._inbound = InboundTranscoder() if audio_mode == "pcm16" else None
         self._outbound = OutboundTranscoder() if audio_mode == "pcm16" else None
-        self.playback = Playback()
+        self.playback = Playback(monotonic)
 
         self.active_response: str | None = None
         self._speaking: tuple[str, str] | None = None  # (response, item) of the latest audio
@@ -252,9 +252,16 @@ class CallProtocol:
             nbytes = len(ulaw)
             payload = base64.b64encode(ulaw).decode("ascii")
         self._speaking = (event.response_id, event.item_id)
-        mark = self.playback.sent(event.item_id, nbytes)
-        self._to_twilio.append(tw.media_frame(self.stream_sid, payload))
-        self._to_twilio.append(tw.mark_frame(self.stream_sid, mark))
+        playback, out = self.playback, self._to_twilio
+        # Marks are sparse (see bridge.playback): one may close another item's audio before
+        # this chunk, and one may be due after it.
+        mark = playback.mark_before(event.item_id)
+        if mark is not None:
+            out.append(tw.mark_frame(self.stream_sid, mark))
+        out.append(tw.media_frame(self.stream_sid, payload))
+        mark = playback.sent(event.item_id, nbytes)
+        if mark is not None:
+            out.append(tw.mark_frame(self.stream_sid, mark))
         self.stats.frames_out += 1
 
     def _barge_in(self) -> None:
@@ -276,6 +283,7 @@ class CallProtocol:
             self._to_realtime.append(rt.encode(rt.response_cancel()))
             self._cut_responses.add(self.active_response)  # type: ignore[arg-type]
         if item is not None:
+            # Before `cleared()`: the estimate between marks counts only until the clear.
             heard = self.playback.heard_ms(item)
             self._cut_items.add(item)
             self._to_realtime.append(rt.encode(rt.truncate(item, heard)))
@@ -284,6 +292,13 @@ class CallProtocol:
             self._outbound = OutboundTranscoder()  # drop resampler history of the cut audio
 
     def _response_done(self, event: rt.ResponseDone) -> None:
+        # The response's last chunks may be unmarked: their echo is what says it was all heard
+        # (ready_to_hang_up). `response.output_audio.done` comes a little earlier, but nothing
+        # reads playback before the response is done (hang-up, renewal, restore all wait for
+        # it), and a barge-in between the two clears the unmarked audio just the same.
+        mark = self.playback.mark()
+        if mark is not None:
+            self._to_twilio.append(tw.mark_frame(self.stream_sid, mark))
         if self.active_response == event.response_id or event.response_id is None:
             self.active_response = None
         for key, value in (event.usage or {}).items():

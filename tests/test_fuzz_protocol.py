@@ -2,8 +2,9 @@
 after stop, acks of marks never sent, responses that never began, tool results twice...).
 
 Properties: nothing raises; every frame it queues for Twilio passes Twilio's own checks and
-every frame for the model is a valid client event; its state stays bounded by the ids it has
-seen (not by the number of events); and after any garbage, a good audio frame still flows.
+every frame for the model is a valid client event; marks go out only where the policy says
+(see `MarkPolicy`); its state stays bounded by the ids it has seen (not by the number of
+events); and after any garbage, a good audio frame still flows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from bridge import realtime as rt
 from bridge import twilio_media as tw
 from bridge.call_protocol import MAX_DTMF_DIGITS, CallProtocol, ToolRequest
+from bridge.playback import MARK_EVERY_MS, MULAW_BYTES_PER_MS
 from tests.sdk_oracle import assert_valid_client_event
 
 STREAM = "MZ" + "0" * 32
@@ -54,8 +56,9 @@ twilio_events = st.one_of(
     st.builds(tw.Unknown, st.text(max_size=10)),
     st.builds(tw.Malformed, st.text(max_size=10)),
 )
+audio_deltas = st.builds(rt.AudioDelta, ids, ids, pcm_delta)
 realtime_events = st.one_of(
-    st.builds(rt.AudioDelta, ids, ids, pcm_delta),
+    audio_deltas,
     st.builds(rt.SpeechStarted, st.integers(0, 10_000), ids),
     st.builds(rt.SpeechStopped, st.integers(0, 10_000), ids),
     st.builds(rt.ResponseCreated, ids),
@@ -87,23 +90,82 @@ steps = st.lists(
     st.one_of(
         st.tuples(st.just("twilio"), twilio_events),
         st.tuples(st.just("realtime"), realtime_events),
+        st.tuples(st.just("realtime"), audio_deltas),  # most of a real call is audio
         st.tuples(st.just("tool_done"), st.booleans()),
         st.tuples(st.just("hang_up"), st.none()),
         st.tuples(st.just("respond"), st.none()),
+        st.tuples(st.just("echo"), st.integers(0, 3)),  # Twilio echoes marks it was sent
+        st.tuples(st.just("time"), st.integers(0, 500)),  # ms pass
     ),
     max_size=60,
 )
 
 
-def drain(p: CallProtocol, pending: list[ToolRequest]) -> None:
-    for frame in p.twilio_frames_to_send():
+class MarkPolicy:
+    """What Twilio sees of the mark policy: a mark after at least MARK_EVERY_MS of audio, or
+    before another item's audio, or at the end of a response; never anywhere else."""
+
+    def __init__(self) -> None:
+        self.item: str | None = None  # item of the audio sent since the last mark
+        self.unmarked = 0  # its bytes
+        self.marks: list[str] = []  # sent, oldest first (echoed or not)
+
+    def check(self, frames: list[str], event: object) -> None:
+        audio_item = event.item_id if type(event) is rt.AudioDelta else None
+        for n, frame in enumerate(frames):
+            out = tw.parse_outbound(frame)
+            if type(out) is tw.OutboundMedia:
+                assert audio_item is not None, "media not caused by model audio"
+                if out.ulaw:
+                    assert self.unmarked == 0 or self.item == audio_item, "a mark spans items"
+                    self.item = audio_item
+                    self.unmarked += len(out.ulaw)
+            elif type(out) is tw.OutboundMark:
+                assert self.unmarked > 0, "a mark closing no audio"
+                if audio_item is not None:
+                    media_before = any(
+                        type(tw.parse_outbound(f)) is tw.OutboundMedia for f in frames[:n]
+                    )
+                    if media_before:
+                        assert self.unmarked >= MARK_EVERY_MS * MULAW_BYTES_PER_MS, "early mark"
+                    else:
+                        assert self.item != audio_item, "a mark before the same item's audio"
+                else:
+                    assert type(event) is rt.ResponseDone, f"a mark on {event!r}"
+                self.marks.append(out.name)
+                self.item, self.unmarked = None, 0
+            else:  # clear
+                self.item, self.unmarked = None, 0
+        if type(event) is rt.ResponseDone:
+            assert self.unmarked == 0, "the end of a response left audio unmarked"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drain(p: CallProtocol, pending: list[ToolRequest], policy: MarkPolicy, event: object) -> None:
+    twilio_frames = p.twilio_frames_to_send()
+    for frame in twilio_frames:
         assert not isinstance(tw.parse_outbound(frame), tw.Malformed), frame
+    policy.check(twilio_frames, event)
     for frame in p.realtime_frames_to_send():
         assert_valid_client_event(orjson.loads(frame))
     pending.extend(p.tools_to_run())
 
 
-def feed(p: CallProtocol, kind: str, value: Any, pending: list[ToolRequest]) -> None:
+def feed(
+    p: CallProtocol,
+    kind: str,
+    value: Any,
+    pending: list[ToolRequest],
+    policy: MarkPolicy,
+    clock: Clock,
+) -> None:
     if kind == "twilio":
         p.receive_twilio(value)
     elif kind == "realtime":
@@ -115,7 +177,11 @@ def feed(p: CallProtocol, kind: str, value: Any, pending: list[ToolRequest]) -> 
         p.hang_up_requested = True
     elif kind == "respond":
         p.request_response("say something")
-    drain(p, pending)
+    elif kind == "echo" and policy.marks:
+        p.receive_twilio(tw.Mark(name=policy.marks[min(value, len(policy.marks) - 1)]))
+    elif kind == "time":
+        clock.now += value / 1000
+    drain(p, pending, policy, value)
 
 
 def assert_bounded(p: CallProtocol) -> None:
@@ -128,19 +194,33 @@ def assert_bounded(p: CallProtocol) -> None:
     assert len(playback._cut_items) <= pool
 
 
+def new_protocol(mode: str, clock: Clock) -> CallProtocol:
+    return CallProtocol(
+        stream_sid=STREAM,
+        audio_mode=mode,  # type: ignore[arg-type]
+        max_frame_bytes=4096,
+        monotonic=clock,
+    )
+
+
 @FUZZ
 @given(st.sampled_from(("pcm16", "g711")), steps)
 def test_random_event_sequences_never_break_the_protocol(mode: str, sequence: list) -> None:
-    p = CallProtocol(stream_sid=STREAM, audio_mode=mode, max_frame_bytes=4096)  # type: ignore[arg-type]
+    clock = Clock()
+    p = new_protocol(mode, clock)
     pending: list[ToolRequest] = []
+    policy = MarkPolicy()
     session = rt.session_update(
         instructions="hi", tools=[], audio_mode=mode, voice="marin", transcription_model="m"
     )
     p.start_session(session, "Hello")
-    drain(p, pending)
+    drain(p, pending, policy, None)
     for kind, value in sequence:
-        feed(p, kind, value, pending)
+        feed(p, kind, value, pending, policy, clock)
         assert_bounded(p)
+        playback = p.playback
+        for item in IDS:
+            assert 0 <= playback.heard_ms(item) <= playback.sent_ms(item)
     assert p.stats.frames_in <= len(sequence)
     assert sum(p.stats.frames_dropped.values()) <= len(sequence)
 
@@ -148,12 +228,14 @@ def test_random_event_sequences_never_break_the_protocol(mode: str, sequence: li
 @FUZZ
 @given(st.sampled_from(("pcm16", "g711")), steps)
 def test_after_any_garbage_good_audio_still_reaches_the_model(mode: str, sequence: list) -> None:
-    p = CallProtocol(stream_sid=STREAM, audio_mode=mode, max_frame_bytes=4096)  # type: ignore[arg-type]
+    clock = Clock()
+    p = new_protocol(mode, clock)
     pending: list[ToolRequest] = []
+    policy = MarkPolicy()
     for kind, value in sequence:
         if kind == "twilio" and type(value) is tw.Stop:
             continue  # after a stop the call is over; nothing is owed
-        feed(p, kind, value, pending)
+        feed(p, kind, value, pending, policy, clock)
     p.receive_twilio(tw.parse_frame(media_frame(base64.b64encode(b"\x7f" * 160).decode())))
     appended = [orjson.loads(f) for f in p.realtime_frames_to_send()]
     assert [e["type"] for e in appended] == ["input_audio_buffer.append"]

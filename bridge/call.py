@@ -357,7 +357,10 @@ class CallSession:
                     else:
                         return verdict, f"realtime error {event.code or event.type}"
         except ConnectionClosed as closed:
-            code = closed.rcvd.code if closed.rcvd is not None else None
+            # The peer's close code, else ours: when we failed the connection (a frame too big,
+            # a flood) no answer is awaited, and our code says what a new session would meet.
+            frame = closed.rcvd if closed.rcvd is not None else closed.sent
+            code = frame.code if frame is not None else None
             return classify_close(code), f"realtime socket dropped (close code {code})"
         code = getattr(upstream, "close_code", None)
         if self._next_upstream is not None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import binascii
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosedOK
+
+# The connection moved to its own module (picows); importable from here as before.
+from bridge.realtime_connection import MAX_FRAME_BYTES as MAX_FRAME_BYTES
+from bridge.realtime_connection import RealtimeConnection as RealtimeConnection
+from bridge.realtime_connection import realtime_url as realtime_url
 
 AudioMode = Literal["pcm16", "g711"]
 
@@ -450,74 +451,3 @@ _PARSERS = {
     "session.created": _session_created,
     "session.updated": _session_updated,
 }
-
-
-# --- Connection -----------------------------------------------------------------------------
-
-# Realtime frames are small except `conversation.item.retrieved` (carries audio) and
-# `session.updated` with long instructions; 16 MiB bounds memory without refusing real traffic.
-MAX_FRAME_BYTES = 16 * 1024 * 1024
-
-
-def realtime_url(url: str, model: str) -> str:
-    """`url` with `model=<model>` set in its query string (other query parameters kept)."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "model"]
-    query.append(("model", model))
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-class RealtimeConnection:
-    """One Realtime WebSocket: send JSON text, iterate over received frames. Only moves bytes.
-
-    Iteration ends when the server closes normally (1000/1001, e.g. the 60-minute cap) and
-    raises `websockets.ConnectionClosedError` on an abnormal close (e.g. 4000 for a beta-shaped
-    session); `close_code`/`close_reason` say which.
-    """
-
-    def __init__(self, websocket: ClientConnection) -> None:
-        self._websocket = websocket
-
-    @classmethod
-    async def connect(
-        cls,
-        url: str,
-        model: str,
-        api_key: str | None,
-        *,
-        open_timeout: float = 5.0,
-    ) -> RealtimeConnection:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        websocket = await ws_connect(
-            realtime_url(url, model),
-            additional_headers=headers,
-            open_timeout=open_timeout,
-            max_size=MAX_FRAME_BYTES,
-            # Audio in base64 barely compresses; compression would only cost CPU per frame.
-            compression=None,
-        )
-        return cls(websocket)
-
-    async def send(self, text: str) -> None:
-        await self._websocket.send(text)
-
-    def __aiter__(self) -> RealtimeConnection:
-        return self
-
-    async def __anext__(self) -> str | bytes:
-        try:
-            # decode=False: text frames arrive as UTF-8 bytes, which orjson parses directly.
-            return await self._websocket.recv(decode=False)
-        except ConnectionClosedOK:
-            raise StopAsyncIteration from None
-
-    async def close(self) -> None:
-        await self._websocket.close()
-
-    @property
-    def close_code(self) -> int | None:
-        return self._websocket.close_code
-
-    @property
-    def close_reason(self) -> str | None:
-        return self._websocket.close_reason

@@ -560,7 +560,7 @@ def test_parse_server_event_never_raises_on_arbitrary_fields(kind: str, body: di
     assert parse_server_event(json.dumps({**body, "type": kind})) is not None
 
 
-# --- connection -----------------------------------------------------------------------------
+# --- connection (the picows client in depth: tests/test_realtime_connection.py) ---------------
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
 

@@ -88,6 +88,7 @@ def run_server_loop(main: Coroutine[Any, Any, None]) -> None:
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
     from app.main import create_app
+    from app.serving import server_config
     from app.settings import OPENAI_REALTIME_URL
 
     async with contextlib.AsyncExitStack() as stack:
@@ -108,13 +109,12 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
         elif not settings.uses_openai:
             log.info("no OPENAI_API_KEY: Realtime server at %s", settings.openai_realtime_url)
         app = create_app(settings)
-        config = uvicorn.Config(
+        config = server_config(
             app,
+            settings,
             host=host,
             port=port,
             log_config=None,  # our JSON logging (configure_logging) handles uvicorn's lines too
-            lifespan="on",
-            ws_max_size=settings.max_frame_bytes,
         )
         await DrainingServer(config, app, settings.drain_timeout_s).serve()
 
@@ -443,8 +443,12 @@ def loadtest(
         str, typer.Option(help="Server event loop: uvloop (as `serve` uses) or asyncio.")
     ] = "uvloop",
     ws: Annotated[
-        str, typer.Option(help="uvicorn WebSocket stack: auto, websockets, websockets-sansio.")
-    ] = "auto",
+        str,
+        typer.Option(
+            help="Media socket stack: picows (as `serve` runs it) or, to compare, one of "
+            "uvicorn's: auto, websockets, websockets-sansio, wsproto."
+        ),
+    ] = "picows",
     pin: Annotated[bool, typer.Option(help="Pin server worker i to core i.")] = True,
     profile_dir: Annotated[
         Path | None, typer.Option(file_okay=False, help="cProfile each worker into this folder.")
@@ -459,9 +463,12 @@ def loadtest(
     from dataclasses import asdict
 
     from app import loadtest as lt
+    from app.serving import WS_CHOICES
 
     if loop not in ("uvloop", "asyncio"):
         _fail("--loop must be uvloop or asyncio")
+    if ws not in WS_CHOICES:
+        _fail(f"--ws must be one of: {', '.join(WS_CHOICES)}")
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
     options = lt.ServerOptions(

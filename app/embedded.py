@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import uvicorn
 from starlette.applications import Starlette
 
+from app.serving import server_config
 from app.settings import Settings
 
 
@@ -45,7 +46,9 @@ async def running_server(
     sock = sock or bind_loopback()
     host, port = sock.getsockname()[:2]
     app = create_app(settings)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=1 << 20)
+    # Messages up to 1 MiB reach the bridge, which drops (and counts) media frames over
+    # MAX_FRAME_BYTES itself: what the tests of oversized frames look at.
+    config = server_config(app, settings, log_level="warning", ws_max_size=1 << 20)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

@@ -373,9 +373,10 @@ def _cores() -> list[int]:
 class ServerOptions:
     mode: str = "pcm16"
     workers: int = 1
-    # As `switchboard serve` runs: asyncio's loop, uvicorn's default WebSocket stack.
     loop: str = "uvloop"  # as `switchboard serve` runs
-    ws: str = "auto"
+    # As `switchboard serve` runs: the media socket on picows; or one of uvicorn's own stacks
+    # (auto, websockets, websockets-sansio, wsproto) to compare against.
+    ws: str = "picows"
     pin: bool = True
     profile_dir: Path | None = None
     max_calls_per_worker: int = 10_000
@@ -786,11 +787,13 @@ def _event_loop_runner(loop: str) -> Callable[[Any], Any]:
 
 
 def worker_main(argv: list[str]) -> None:
+    from app.serving import PICOWS, WS_CHOICES
+
     parser = argparse.ArgumentParser(prog="python -m app.loadtest worker")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--cpu", type=int, default=None)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
-    parser.add_argument("--ws", default="auto")
+    parser.add_argument("--ws", choices=WS_CHOICES, default=PICOWS)
     parser.add_argument("--profile", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.cpu is not None:
@@ -827,15 +830,10 @@ async def _worker_serve(settings: Any, sock: socket.socket, ws: str) -> None:
     import uvicorn
 
     from app.main import create_app
+    from app.serving import server_config
 
-    config = uvicorn.Config(
-        create_app(settings),
-        lifespan="on",
-        log_config=None,
-        ws=ws,
-        ws_max_size=settings.max_frame_bytes,
-        backlog=4096,
-    )
+    app = create_app(settings)
+    config = server_config(app, settings, ws=ws, log_config=None, backlog=4096)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     for _ in range(int(STARTUP_TIMEOUT_S / 0.01)):  # bounded

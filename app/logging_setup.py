@@ -110,6 +110,7 @@ def configure_logging(level: str = "INFO", *, redact: bool = True) -> None:
         logger.handlers.clear()
         logger.propagate = True
     # Chatty at INFO: Alembic narrates every plugin and migration step on each start-up, and
-    # websockets logs every connection of the in-process emulator.
-    for name in ("alembic", "websockets"):
+    # websockets logs every connection of the in-process emulator, picows every connection and
+    # disconnection of every call's sockets.
+    for name in ("alembic", "websockets", "picows"):
         logging.getLogger(name).setLevel(logging.WARNING)

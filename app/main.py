@@ -1,6 +1,8 @@
 """The ASGI application: routes per the contract, services opened and closed by the lifespan.
 
-uvicorn --factory app.main:create_app      # or: switchboard serve
+switchboard serve
+# or by hand; --ws puts /media-stream on picows, as `serve` does (app.media_socket):
+uvicorn --factory app.main:create_app --ws app.media_socket:MediaSocketProtocol
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         Route("/voice/incoming", voice_incoming, methods=["POST"]),
         Route("/voice/status", voice_status, methods=["POST"]),
+        # Under the app's own uvicorn config (app.serving) this path never reaches the ASGI app:
+        # app.media_socket serves it on picows. The route serves it under any other server.
         WebSocketRoute("/media-stream", media_stream),
         Route("/sms/incoming", sms_incoming, methods=["POST"]),
         Route("/sms/status", sms_status, methods=["POST"]),

@@ -11,18 +11,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.datastructures import URL
+from starlette.websockets import WebSocketDisconnect
 
 from app import correlation
 from app.call_followup import caller_said, follow_up_call
 from app.fallback import fall_back
 from bridge import realtime as rt
 from bridge import twilio_media as tw
-from bridge.call import CallSession, CallSetup, CallSummary
+from bridge.call import CallSession, CallSetup, CallSummary, TwilioSocket
 from bridge.upstream import Backoff, UpstreamUnavailable, Verdict, connect_with_retry
 from prompts.personas import render_instructions
 from tools import ToolContext
@@ -40,7 +41,21 @@ POLICY_VIOLATION = 1008
 MAX_FRAMES_BEFORE_START = 10
 
 
-async def media_stream(websocket: WebSocket) -> None:
+class MediaSocket(TwilioSocket, Protocol):
+    """The socket this handler runs on: app.media_websocket's under our uvicorn config,
+    Starlette's WebSocket under any other server. Disconnects raise WebSocketDisconnect."""
+
+    @property
+    def app(self) -> Any: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def url(self) -> URL: ...
+    async def accept(self) -> None: ...
+    async def receive_text(self) -> str: ...
+
+
+async def media_stream(websocket: MediaSocket) -> None:
     services: Services = websocket.app.state.services
     settings = services.settings
     metrics = services.metrics
@@ -209,7 +224,7 @@ async def media_stream(websocket: WebSocket) -> None:
     follow_up_call(services, ctx, summary)  # lead webhook, owner summary, "Reply YES" texts
 
 
-async def _wait_for_start(websocket: WebSocket) -> tw.Start | None:
+async def _wait_for_start(websocket: MediaSocket) -> tw.Start | None:
     """Read until `start`; tolerate `connected` and a few stray frames, no more."""
     for _ in range(MAX_FRAMES_BEFORE_START):
         event = tw.parse_frame(await websocket.receive_text())
@@ -220,7 +235,7 @@ async def _wait_for_start(websocket: WebSocket) -> tw.Start | None:
     return None
 
 
-async def _refuse(websocket: WebSocket, services: Services, reason: str) -> None:
+async def _refuse(websocket: MediaSocket, services: Services, reason: str) -> None:
     log.warning("media socket refused: %s", reason)
     services.metrics.webhook_rejections.labels(reason="stream_token").inc()
     try:

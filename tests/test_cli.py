@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from pydantic import BaseModel, Field
 from twilio.request_validator import RequestValidator
 from typer.testing import CliRunner
@@ -22,6 +21,7 @@ from typer.testing import CliRunner
 from app.cli import DrainingServer, cli
 from app.embedded import bind_loopback
 from app.main import create_app
+from app.serving import server_config
 from app.settings import Settings
 from tools.registry import REGISTRY, Tool, realtime_tools, tools_for
 
@@ -191,7 +191,7 @@ async def test_draining_server_finishes_live_calls_before_stopping(sqlite_url: s
     app = create_app(settings)
     sock = bind_loopback()
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    config = server_config(app, settings, log_level="warning")
     server = DrainingServer(config, app, drain_timeout_s=60)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:

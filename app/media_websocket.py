@@ -11,6 +11,11 @@ appends it to a deque; `receive()` returns at once while messages are waiting an
 awaits one future. `send_text()` writes synchronously through picows. Nothing per frame
 allocates a future, a task or a queue entry beyond the message itself.
 
+Beyond Starlette's API, a fast path for the reader's hot messages (`set_fast_path`,
+`send_text_nowait`, `writable`): a waiting reader's wakeup (a future, a task step, a coroutine
+resume) costs more than a media frame's handling, so a handler may take a message right in the
+frame callback, while the reader is parked in `receive()`.
+
 The socket's life: CONNECTING (the upgrade request is held; the handler decides) -> OPEN (after
 `accept()`, picows has answered 101) -> CLOSING (a close frame went out or came in) -> CLOSED
 (the TCP connection is gone). Until it is CLOSED the socket is in uvicorn's
@@ -118,6 +123,7 @@ class MediaWebSocket(WSListener):
         self._writing_paused = False
         self._writable: asyncio.Future[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        self._fast_path: Callable[[str], bool] | None = None
         connections.add(self)
 
     # -- the handler's side (Starlette's WebSocket API) ----------------------------------------
@@ -155,6 +161,36 @@ class MediaWebSocket(WSListener):
         if self._send_blocked:
             await self._until_writable()
         self._ws.send(_TEXT, data)  # type: ignore[union-attr]  # set once OPEN
+
+    # -- the fast path (beyond Starlette's API; bridge.call uses it when it is there) ---------
+    def set_fast_path(self, handler: Callable[[str], bool] | None) -> None:
+        """Offer each whole text message to `handler` first, in the frame callback.
+
+        The handler is called only while the reader is parked in `receive()`: then nothing is
+        queued and the reader has finished with every earlier message, so taking this one here
+        keeps the order. True: the message is handled, `receive()` never sees it; False: it is
+        delivered as usual. The handler must decide before changing anything, and must not
+        raise (picows would fail the connection). Fragmented and binary messages, and the
+        disconnect, always go to `receive()`. None removes the handler.
+        """
+        self._fast_path = handler
+
+    @property
+    def writable(self) -> bool:
+        """Open, and the write buffer below its high-water mark: a send now does not wait."""
+        return not self._send_blocked
+
+    def send_text_nowait(self, data: str) -> bool:
+        """`send_text` without waiting: False (nothing sent) once the socket is not open.
+
+        A full write buffer takes the message all the same (its limit is soft); callers check
+        `writable` first. A socket that refuses a send here has queued its disconnect message,
+        so the reader learns of the end from `receive()` as well.
+        """
+        if self._state is not _State.OPEN:
+            return False
+        self._ws.send(_TEXT, data)  # type: ignore[union-attr]  # set once OPEN
+        return True
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         """Close with `code`; before `accept()` that refuses the upgrade with HTTP 403.
@@ -218,6 +254,13 @@ class MediaWebSocket(WSListener):
             except UnicodeDecodeError:
                 self._fail(WSCloseCode.INVALID_TEXT, "invalid UTF-8 in a text frame")
                 return
+            fast = self._fast_path
+            if fast is not None:
+                # A parked reader (its future still pending) has nothing queued before this
+                # message: the handler may take it here, in order, and spare the wakeup.
+                waiter = self._waiter
+                if waiter is not None and not waiter.done() and fast(text):
+                    return
             self._queue({"type": _RECEIVE, "text": text})
             return
         self._other_frame(transport, frame)

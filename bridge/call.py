@@ -2,6 +2,11 @@
 
 All decisions are made by `CallProtocol`; this module only reads sockets, feeds the protocol,
 sends what it queues, runs tools off the audio path, and ends the call cleanly.
+
+Two pumps read the sockets. Where a socket offers it (the picows ones: app.media_websocket,
+bridge.realtime_connection), the hot messages (caller media and marks, model audio deltas)
+skip the pump: a fast-path handler takes them in the socket's frame callback while the pump
+is parked, which spares a future, a task wakeup and a coroutine resume per message.
 """
 
 from __future__ import annotations
@@ -60,10 +65,28 @@ class TwilioSocket(Protocol):
     async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
+class FastTwilioSocket(TwilioSocket, Protocol):
+    """A Twilio socket with a fast path (app.media_websocket.MediaWebSocket); optional."""
+
+    @property
+    def writable(self) -> bool: ...  # a send now would not wait
+    # False once the socket is not open; its receive() then yields the disconnect as well.
+    def send_text_nowait(self, data: str) -> bool: ...
+    # The handler gets whole text messages while receive() is parked (see CallSession).
+    def set_fast_path(self, handler: Callable[[str], bool] | None) -> None: ...
+
+
 class Upstream(Protocol):
-    """The Realtime session (bridge.realtime.RealtimeConnection satisfies it)."""
+    """The Realtime session (bridge.realtime.RealtimeConnection satisfies it).
+
+    Optionally (RealtimeConnection has it) `set_fast_path(handler: Callable[[bytes], bool] |
+    None)`: the handler gets whole messages while the iterator is parked (see CallSession).
+    """
 
     async def send(self, text: str) -> None: ...
+    def send_nowait(self, text: str) -> bool: ...  # never waits; False: closed, nothing sent
+    @property
+    def writable(self) -> bool: ...  # open and not backed up: a send now would not wait
     def __aiter__(self) -> Any: ...
     async def close(self) -> None: ...
 
@@ -163,6 +186,11 @@ class CallSession:
         self._session_started = time.monotonic()
         self._restored_at: deque[float] = deque(maxlen=MAX_RESTORES_IN_WINDOW)
         self._caller_speaking = False
+        # The Twilio socket while the fast paths are on (it has them, and none has failed).
+        self._fast_twilio: FastTwilioSocket | None = None
+        # Messages handled by the fast paths (TODO: CallStats.fast_path_frames).
+        self.fast_path_frames = 0
+        self._latency_countdown = LATENCY_SAMPLE_EVERY  # model frames to the next sample
         self.protocol = CallProtocol(
             stream_sid=setup.stream_sid,
             audio_mode=setup.audio_mode,
@@ -198,6 +226,7 @@ class CallSession:
         await self._flush_realtime()
         if self._connect_upstream is not None and self.setup.session_renew_after_s is not None:
             self._start_background(self._renew_sessions(), "session-renewal")
+        self._start_fast_paths()
         pumps = [
             asyncio.create_task(self._twilio_pump(), name="twilio-pump"),
             asyncio.create_task(self._realtime_pump(), name="realtime-pump"),
@@ -218,6 +247,7 @@ class CallSession:
                     )
                     reason = f"{task.get_name()} failed: {type(error).__name__}"
         finally:
+            self._stop_fast_paths()  # nothing is handled once the call is over
             for task in [*pumps, *self._tool_tasks]:
                 task.cancel()
             await asyncio.gather(*pumps, *self._tool_tasks, return_exceptions=True)
@@ -260,12 +290,8 @@ class CallSession:
                 protocol.stats.dropped("upstream_restoring")
                 continue
             protocol.receive_twilio(event)
-            if protocol._to_realtime and not self._restoring:
-                try:
-                    for out in protocol.realtime_frames_to_send():
-                        await self._upstream.send(out)
-                except ConnectionClosed:
-                    pass  # the realtime pump sees the drop and restores the session
+            if protocol._to_realtime:
+                await self._flush_realtime()
             if protocol.hang_up_requested:
                 self._note_progress()
             if type(event) is tw.Dtmf:
@@ -289,12 +315,12 @@ class CallSession:
         """Frames of one Realtime session until it ends; why it ended and what that means."""
         protocol, send = self.protocol, self._twilio.send_text
         history = self.history
-        countdown, started = LATENCY_SAMPLE_EVERY, 0.0
+        set_fast_path = getattr(upstream, "set_fast_path", None)
+        if set_fast_path is not None and self._fast_twilio is not None:
+            set_fast_path(self._realtime_fast_path)
         try:
             async for frame in upstream:
-                countdown -= 1
-                if countdown == 0:  # a clock read every Nth frame, not every frame
-                    started = time.perf_counter()
+                started = self._latency_start()
                 event = rt.parse_server_event(frame)
                 kind = type(event)
                 if kind is rt.FunctionCallDone and history.known(event.call_id):
@@ -306,16 +332,8 @@ class CallSession:
                     for out in protocol.twilio_frames_to_send():
                         await send(out)
                 except Exception as gone:  # Starlette's WebSocketDisconnect, a reset socket...
-                    # The caller hung up while audio was on its way: a normal end, not a fault.
-                    log.info(
-                        "call %s: twilio socket gone (%s)", self.setup.call_sid, type(gone).__name__
-                    )
-                    protocol.finished = protocol.finished or "twilio socket closed"
-                    return Verdict.FATAL, protocol.finished
-                if countdown <= 0:
-                    countdown = LATENCY_SAMPLE_EVERY
-                    if kind is rt.AudioDelta:
-                        protocol.stats.latency_sample(time.perf_counter() - started)
+                    return Verdict.FATAL, self._twilio_gone(type(gone).__name__)
+                self._latency_end(kind, started)
                 if protocol._to_realtime:
                     await self._flush_realtime()
                 if kind is rt.AudioDelta:
@@ -362,10 +380,149 @@ class CallSession:
             frame = closed.rcvd if closed.rcvd is not None else closed.sent
             code = frame.code if frame is not None else None
             return classify_close(code), f"realtime socket dropped (close code {code})"
+        finally:
+            if set_fast_path is not None:
+                set_fast_path(None)  # a session no longer pumped is handled nowhere
         code = getattr(upstream, "close_code", None)
         if self._next_upstream is not None:
             return Verdict.RETRY, "session renewal"
         return classify_close(code), f"realtime session closed (close code {code})"
+
+    def _twilio_gone(self, why: str) -> str:
+        # The caller hung up while audio was on its way: a normal end, not a fault.
+        log.info("call %s: twilio socket gone (%s)", self.setup.call_sid, why)
+        reason = self.protocol.finished = self.protocol.finished or "twilio socket closed"
+        return reason
+
+    def _latency_start(self) -> float | None:
+        """The clock at a model frame's arrival, read for one frame in LATENCY_SAMPLE_EVERY
+        (a clock read per frame would cost more than the samples are worth)."""
+        return time.perf_counter() if self._latency_countdown <= 1 else None
+
+    def _latency_end(self, kind: type, started: float | None) -> None:
+        """The frame's output is sent: count it, and sample it if it was the one timed."""
+        if started is None:
+            self._latency_countdown -= 1
+            return
+        self._latency_countdown = LATENCY_SAMPLE_EVERY
+        if kind is rt.AudioDelta:
+            self.protocol.stats.latency_sample(time.perf_counter() - started)
+
+    # -- the fast paths -----------------------------------------------------------------------
+    # 50 caller media frames and 50 model audio deltas a second: handed to a pump, each costs
+    # a future, a task wakeup and a coroutine resume, more than the handling itself. Sockets
+    # that can (see FastTwilioSocket, Upstream) call these handlers in their frame callback
+    # instead, only while the pump is parked on that socket: every earlier message has then
+    # been handled, so order is kept. A handler does what the pump would do for the message,
+    # synchronously, or declines it (False) BEFORE changing anything (restoring, a socket that
+    # would make a send wait, any other kind of event) and the pump handles it as always.
+    # Never raising into the socket's callback: an unexpected error is logged once and the
+    # call goes on without fast paths.
+
+    def _start_fast_paths(self) -> None:
+        set_fast_path = getattr(self._twilio, "set_fast_path", None)
+        if set_fast_path is None:  # Starlette's WebSocket, test fakes: the pumps do it all
+            return
+        self._fast_twilio = self._twilio  # type: ignore[assignment]  # has the fast path API
+        set_fast_path(self._twilio_fast_path)
+        # The Realtime side is installed per session, by _pump_session.
+
+    def _stop_fast_paths(self) -> None:
+        if self._fast_twilio is None:
+            return
+        self._fast_twilio.set_fast_path(None)
+        self._fast_twilio = None  # and no later session gets one
+        set_fast_path = getattr(self._upstream, "set_fast_path", None)
+        if set_fast_path is not None:
+            set_fast_path(None)
+
+    def _fast_path_failed(self) -> None:
+        log.exception(
+            "call %s: fast path failed; the pumps handle every message from now on",
+            self.setup.call_sid,
+        )
+        self._stop_fast_paths()
+
+    def _twilio_fast_path(self, frame: str) -> bool:
+        """`_twilio_pump` for caller media and marks, in the Twilio socket's frame callback."""
+        try:
+            # The pump waits out a restore (media is dropped then) and a full upstream.
+            if self._restoring or not self._upstream.writable:
+                return False
+            event = tw.parse_frame(frame)
+            kind = type(event)
+            if kind is not tw.Media and kind is not tw.Mark:
+                return False  # the rest is rare, and some has work to await (a PIN, a stop)
+        except Exception:
+            self._fast_path_failed()
+            return False  # nothing has changed: the pump handles it
+        try:
+            protocol = self.protocol
+            protocol.receive_twilio(event)
+            if protocol._to_realtime:
+                self._flush_realtime_nowait()
+            if protocol.hang_up_requested:
+                self._note_progress()
+        except Exception:
+            # The call's state has changed: the message counts as handled (True), since the
+            # pump handling it again could send its audio twice.
+            self._fast_path_failed()
+        self.fast_path_frames += 1
+        return True
+
+    def _realtime_fast_path(self, frame: bytes) -> bool:
+        """`_pump_session` for model audio deltas and the events it only passes over, in the
+        Realtime socket's frame callback."""
+        try:
+            twilio = self._fast_twilio
+            if self._restoring or twilio is None or not twilio.writable:
+                return False  # the pump waits for room (or finds the socket gone)
+            started = self._latency_start()
+            event = rt.parse_server_event(frame)
+            kind = type(event)
+            # Other: transcript deltas and the like, as frequent as the audio and nothing to
+            # do; a pump woken for them would make the next delta queue behind them.
+            if kind is not rt.AudioDelta and kind is not rt.Other:
+                return False
+        except Exception:
+            self._fast_path_failed()
+            return False  # nothing has changed: the pump handles it
+        try:
+            protocol = self.protocol
+            protocol.receive_realtime(event)
+            if self._send_to_twilio_nowait(twilio):
+                self._latency_end(kind, started)
+                if protocol._to_realtime:
+                    self._flush_realtime_nowait()
+                if kind is not rt.AudioDelta and protocol.hang_up_requested:
+                    self._note_progress()
+        except Exception:
+            # The call's state has changed: the message counts as handled (True), since the
+            # pump handling it again could send its audio twice.
+            self._fast_path_failed()
+        self.fast_path_frames += 1
+        return True
+
+    def _send_to_twilio_nowait(self, twilio: FastTwilioSocket) -> bool:
+        """What the protocol queued for Twilio, sent now; False if the socket is gone.
+
+        Then the call ends as when _pump_session's send fails, though no pump returns from
+        here: the Twilio socket has queued its disconnect, and the Twilio pump that reads it
+        ends the call with the reason set here.
+        """
+        send = twilio.send_text_nowait
+        for out in self.protocol.twilio_frames_to_send():
+            if not send(out):
+                self._twilio_gone("closed")
+                return False
+        return True
+
+    def _flush_realtime_nowait(self) -> None:
+        """`_flush_realtime` for the fast paths, which checked that no send has to wait."""
+        send = self._upstream.send_nowait
+        for out in self.protocol.realtime_frames_to_send():
+            if not send(out):
+                return  # closed: the realtime pump sees the drop; the replay carries the rest
 
     # -- losing and restoring the Realtime session ------------------------------------------
     async def _restore(self, why: str) -> bool:

@@ -18,6 +18,7 @@ import functools
 import ssl
 import sys
 from collections import deque
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -115,13 +116,16 @@ class RealtimeConnection(WSListener):
     raises `ConnectionClosedOK`/`ConnectionClosedError` as websockets' client did.
 
     The connection is its own picows listener: picows calls `on_ws_frame` for each frame as
-    it is parsed, which queues the payload; `__anext__` takes from that queue.
+    it is parsed, which queues the payload; `__anext__` takes from that queue. A fast-path
+    handler (`set_fast_path`) may take a message in that callback instead, while the consumer
+    is parked in `__anext__`; `send_nowait` and `writable` are the synchronous side of sending.
     """
 
     __slots__ = (
         "_abandoned",
         "_drain_waiter",
         "_failed",
+        "_fast_path",
         "_loop",
         "_open",
         "_partial",
@@ -142,6 +146,7 @@ class RealtimeConnection(WSListener):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._abandoned = False  # connect() gave up (timeout, cancel) before it returned
+        self._fast_path: Callable[[bytes], bool] | None = None
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -229,16 +234,25 @@ class RealtimeConnection(WSListener):
         ):
             # The hot path: a whole message in one frame. One copy out of picows' read
             # buffer (the frame is only valid during this call), nothing else allocated.
+            payload = frame.get_payload_as_bytes()
+            waiter = self._waiter
+            if waiter is not None:  # the consumer is idle
+                fast = self._fast_path
+                # Parked (its future still pending), it has nothing queued before this
+                # message: the fast-path handler may take it here, in order, with no wakeup.
+                if fast is not None and not waiter.done() and fast(payload):
+                    return
+                # Else wake the consumer (once, not per frame: later frames only queue).
+                self._waiter = None
+                self._queue.append(payload)
+                if not waiter.done():
+                    waiter.set_result(None)
+                return
             queue = self._queue
             if len(queue) >= MAX_QUEUED_MESSAGES:
                 self._fail(CloseCode.POLICY_VIOLATION, "receive queue full", discard=True)
                 return
-            queue.append(frame.get_payload_as_bytes())
-            waiter = self._waiter
-            if waiter is not None:  # the consumer is idle: wake it (once, not per frame)
-                self._waiter = None
-                if not waiter.done():
-                    waiter.set_result(None)
+            queue.append(payload)
             return
         self._on_other_frame(transport, frame, msg_type)
 
@@ -363,6 +377,42 @@ class RealtimeConnection(WSListener):
         return ConnectionClosedError(rcvd, sent, rcvd_then_sent)
 
     # -- the Upstream protocol (bridge.call) -------------------------------------------------
+
+    def set_fast_path(self, handler: Callable[[bytes], bool] | None) -> None:
+        """Offer each whole message to `handler` first, in the frame callback.
+
+        A consumer woken for every message (a future, a task step, a coroutine resume) costs
+        more than a model audio delta's handling. The handler is called only while the
+        consumer is parked in `__anext__`: nothing is queued then and every earlier message
+        has been handed out and handled, so taking this one here keeps the order. True: the
+        message is handled and never queued; False: it is queued as usual. The handler must
+        decide before changing anything, and must not raise (picows would fail the
+        connection). Fragmented messages always take the queue. None removes the handler.
+        """
+        self._fast_path = handler
+
+    @property
+    def writable(self) -> bool:
+        """Open, and the write buffer below its high-water mark: `send` would not wait."""
+        transport = self._transport
+        return (
+            self._open
+            and not self._write_paused
+            and transport is not None
+            and not transport.is_close_frame_sent
+        )
+
+    def send_nowait(self, text: str) -> bool:
+        """Queue `text` as one TEXT frame, never waiting; False (nothing sent) once closed.
+
+        A full write buffer takes the frame all the same (the high-water mark is soft): callers
+        check `writable` first when they may write more than a few frames.
+        """
+        transport = self._transport
+        if not self._open or transport is None or transport.is_close_frame_sent:
+            return False
+        transport.send(_TEXT, text)
+        return True
 
     async def send(self, text: str) -> None:
         """Queue `text` as one TEXT frame. Returns at once unless the peer stopped reading."""

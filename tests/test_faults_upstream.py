@@ -95,6 +95,18 @@ class ScriptedUpstream:
         self.sent.append(orjson.loads(text))
         self.got_frame.set()
 
+    def send_nowait(self, text: str) -> bool:
+        # Upstream's synchronous send (the fast paths'; ScriptedTwilio has none, so unused).
+        if self.closed:
+            return False
+        self.sent.append(orjson.loads(text))
+        self.got_frame.set()
+        return True
+
+    @property
+    def writable(self) -> bool:
+        return not self.closed
+
     def __aiter__(self) -> ScriptedUpstream:
         return self
 

@@ -188,8 +188,6 @@ class CallSession:
         self._caller_speaking = False
         # The Twilio socket while the fast paths are on (it has them, and none has failed).
         self._fast_twilio: FastTwilioSocket | None = None
-        # Messages handled by the fast paths (TODO: CallStats.fast_path_frames).
-        self.fast_path_frames = 0
         self._latency_countdown = LATENCY_SAMPLE_EVERY  # model frames to the next sample
         self.protocol = CallProtocol(
             stream_sid=setup.stream_sid,
@@ -467,7 +465,7 @@ class CallSession:
             # The call's state has changed: the message counts as handled (True), since the
             # pump handling it again could send its audio twice.
             self._fast_path_failed()
-        self.fast_path_frames += 1
+        self.protocol.stats.fast_path_frames += 1
         return True
 
     def _realtime_fast_path(self, frame: bytes) -> bool:
@@ -500,7 +498,7 @@ class CallSession:
             # The call's state has changed: the message counts as handled (True), since the
             # pump handling it again could send its audio twice.
             self._fast_path_failed()
-        self.fast_path_frames += 1
+        self.protocol.stats.fast_path_frames += 1
         return True
 
     def _send_to_twilio_nowait(self, twilio: FastTwilioSocket) -> bool:

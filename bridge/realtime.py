@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
+from pybase64 import b64decode as _b64decode
 
 # The connection moved to its own module (picows); importable from here as before.
 from bridge.realtime_connection import MAX_FRAME_BYTES as MAX_FRAME_BYTES
@@ -95,7 +96,9 @@ def session_update(
 
 def append_audio(b64: str) -> str:
     """`input_audio_buffer.append` as JSON text; `b64` is base64 and so safe to embed as is."""
-    return '{"type":"input_audio_buffer.append","audio":"' + b64 + '"}'
+    # One f-string builds the text in one allocation; `a + b64 + c` copies the 1280-character
+    # audio twice (~0.07 µs a frame more).
+    return f'{{"type":"input_audio_buffer.append","audio":"{b64}"}}'
 
 
 def response_create(
@@ -304,13 +307,17 @@ def parse_server_event(frame: str | bytes) -> ServerEvent:
             and type(response_id) is str
             and len(delta) % 4 == 0
         ):
-            # Strict decoding of a length that is a multiple of 4 accepts exactly canonical
-            # padded base64 (audio deltas are forwarded verbatim inside Twilio JSON in g711
-            # mode, so nothing else may pass), and costs no more than a regex match would.
+            # Strict decoding of a length that is a multiple of 4 accepts canonical padded
+            # base64 (audio deltas are forwarded verbatim inside Twilio JSON in g711 mode, so
+            # nothing else may pass; binascii also lets "AAAA====" through, see
+            # _binascii_strict), and costs no more than a regex match would. pybase64
+            # (SIMD) decodes a 1280-character delta in ~0.3 µs where binascii takes ~3 µs.
             try:
-                audio = binascii.a2b_base64(delta, strict_mode=True)
-            except binascii.Error:
-                return _bad_audio_delta(data)
+                audio = _b64decode(delta, None, True)  # positional: keywords cost ~0.2 µs
+            except ValueError:  # refused: binascii has the final say (see _binascii_strict)
+                audio = _binascii_strict(delta)
+                if audio is None:
+                    return _bad_audio_delta(data)
             return AudioDelta(item_id, response_id, delta, audio)
         return _bad_audio_delta(data)
     if type(kind) is not str:
@@ -322,6 +329,20 @@ def parse_server_event(frame: str | bytes) -> ServerEvent:
         return parser(data)
     except _BadField as exc:
         return Malformed(f"{kind}: {exc}")
+
+
+def _binascii_strict(text: str) -> bytes | None:
+    """`binascii.a2b_base64(text, strict_mode=True)`, or None where that raises.
+
+    pybase64's `validate=True` accepts a subset of what binascii's strict mode accepts, with the
+    same bytes; binascii alone also takes a complete final quantum followed by whole groups of
+    "=" ("AAAA===="). Re-checking what pybase64 refuses keeps acceptance exactly binascii's.
+    Any `ValueError` means "not base64": binascii raises a plain one for non-ASCII text.
+    """
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except ValueError:
+        return None
 
 
 def _bad_audio_delta(data: dict[str, Any]) -> Malformed:

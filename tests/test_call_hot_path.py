@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import binascii
 
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bridge import realtime as rt
 from bridge import twilio_media as tw
@@ -115,3 +119,89 @@ def orjson_delta(delta: str) -> str:
             "delta": delta,
         }
     )
+
+
+# Both parsers decode with pybase64 and fall back to binascii on a refusal, so that what they
+# accept stays exactly what binascii's strict mode (with a length that is a multiple of 4)
+# accepted before. These cases are where pybase64's validate=True and binascii differ, or could.
+BASE64_EDGE_CASES = [
+    "AAAA",
+    "AB==",  # non-zero trailing bits: both accept
+    "QR==",
+    "ABC=",
+    "AAAA====",  # binascii alone accepts whole "=" groups after a complete quantum
+    "AAAA========",
+    "QUJD====",
+    "AB======",
+    "AB==AAAA",
+    "A===",
+    "====",
+    "AB=A",
+    "A=AA",
+    "AAA-",
+    "AAA_",
+    "AA A",
+    "AAA\n",
+    "AAA\x00",
+    "éAAA",  # non-ASCII: binascii raises a plain ValueError, not binascii.Error
+    "AAAé",
+    "AA٠A",
+    "AAA\uffff",
+    "AAAA" * 320,
+]
+
+
+def binascii_verdict(text: str) -> bytes | None:
+    """What the parsers accepted before pybase64: strict binascii on a multiple of 4 chars."""
+    if len(text) % 4:
+        return None
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except ValueError:
+        return None
+
+
+def check_both_parsers(text: str) -> None:
+    expected = binascii_verdict(text)
+    event = rt.parse_server_event(orjson_delta(text))
+    if expected is None:
+        assert isinstance(event, rt.Malformed)
+        assert "'delta' is not valid base64" in event.reason
+    else:
+        assert isinstance(event, rt.AudioDelta)
+        assert event.audio == expected
+    if not text:
+        return  # an empty Twilio payload is refused before decoding
+    frame = orjson.dumps({"event": "media", "media": {"payload": text}})
+    media = tw.parse_frame(frame)
+    if expected is None:
+        assert media == tw.Malformed("media.payload is not valid base64")
+    else:
+        assert isinstance(media, tw.Media)
+        assert media.audio == expected
+
+
+@pytest.mark.parametrize("text", BASE64_EDGE_CASES)
+def test_base64_acceptance_is_binascii_strict_mode(text: str) -> None:
+    check_both_parsers(text)
+
+
+@given(st.text(alphabet="AQw09+/=\n é٠-_", max_size=24))
+def test_base64_acceptance_matches_binascii_on_generated_text(text: str) -> None:
+    check_both_parsers(text)
+
+
+@given(st.binary(max_size=2000))
+def test_any_base64_audio_decodes_to_the_same_bytes(audio: bytes) -> None:
+    check_both_parsers(base64.b64encode(audio).decode())
+
+
+def test_non_ascii_base64_is_malformed_not_an_exception() -> None:
+    # binascii raises ValueError (not binascii.Error) for non-ASCII text: before pybase64 this
+    # escaped both "never raises" parsers for payloads like "AAAé".
+    assert tw.parse_frame(FRAME.media(b"\x00" * 3).replace("AAAA", "AAAé")) == tw.Malformed(
+        "media.payload is not valid base64"
+    )
+    assert isinstance(rt.parse_server_event(orjson_delta("AA٠A")), rt.Malformed)
+    outbound = orjson.dumps({"event": "media", "streamSid": "MZ1", "media": {"payload": "AAAé"}})
+    assert isinstance(tw.parse_outbound(outbound.decode()), tw.Malformed)

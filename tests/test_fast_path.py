@@ -148,7 +148,7 @@ async def test_a_calls_hot_messages_are_handled_in_the_socket_callbacks(
     assert fast_paths.taken["Media"] >= 0.95 * stats.frames_in
     assert fast_paths.taken["AudioDelta"] >= 0.95 * deltas
     assert fast_paths.taken["Mark"] > 0
-    assert call.fast_path_frames == sum(fast_paths.taken.values())
+    assert call.protocol.stats.fast_path_frames == sum(fast_paths.taken.values())
     # Only what the pumps must handle was declined.
     assert set(fast_paths.declined) <= {
         "Connected",

@@ -16,9 +16,10 @@ Fixtures (names are a contract):
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import fakeredis
 import pytest
@@ -26,6 +27,7 @@ from pytest_postgresql import factories as postgresql_factories
 from pytest_postgresql.executors import NoopExecutor
 from pytest_redis.executor import RedisExecutor
 from redis.asyncio import Redis
+from websockets.asyncio.server import serve
 
 from tests.servers import (
     PostgresServer,
@@ -164,3 +166,23 @@ def postgres_url(postgresql_noproc: NoopExecutor) -> Iterator[str]:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path}/test.db"
+
+
+# A websockets server on loopback playing the Realtime API (tests of the client socket).
+@pytest.fixture
+async def realtime_server() -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """`await start(handler, **serve_kwargs)` -> the ws:// URL of a websockets server."""
+    servers = []
+
+    async def start(handler: Callable[[Any], Awaitable[None]], **kwargs: Any) -> str:
+        # Some handlers stop reading on purpose: do not wait 10 s for them at teardown.
+        kwargs.setdefault("close_timeout", 0.2)
+        server = await serve(handler, "127.0.0.1", 0, **kwargs)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        return f"ws://127.0.0.1:{port}/v1/realtime"
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()

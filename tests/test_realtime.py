@@ -6,7 +6,7 @@ import asyncio
 import base64
 import json
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent
 from pydantic import BaseModel, Field
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosedError
 
 from bridge.realtime import (
@@ -563,22 +563,6 @@ def test_parse_server_event_never_raises_on_arbitrary_fields(kind: str, body: di
 # --- connection (the picows client in depth: tests/test_realtime_connection.py) ---------------
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
-
-
-@pytest.fixture
-async def realtime_server() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
-    servers = []
-
-    async def start(handler: Handler) -> str:
-        server = await serve(handler, "127.0.0.1", 0)
-        servers.append(server)
-        port = server.sockets[0].getsockname()[1]
-        return f"ws://127.0.0.1:{port}/v1/realtime"
-
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_connect_sends_ga_handshake_and_moves_frames(realtime_server) -> None:

@@ -21,7 +21,6 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import uvloop
@@ -42,25 +41,6 @@ from bridge.upstream import Verdict, classify_close, classify_connect_error
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
 Start = Callable[..., Awaitable[str]]
-
-
-@pytest.fixture
-async def realtime_server() -> AsyncIterator[Start]:
-    """`await start(handler, **serve_kwargs)` -> the ws:// URL of a websockets server."""
-    servers = []
-
-    async def start(handler: Handler, **kwargs: Any) -> str:
-        # Some handlers stop reading on purpose: do not wait 10 s for them at teardown.
-        kwargs.setdefault("close_timeout", 0.2)
-        server = await serve(handler, "127.0.0.1", 0, **kwargs)
-        servers.append(server)
-        port = server.sockets[0].getsockname()[1]
-        return f"ws://127.0.0.1:{port}/v1/realtime"
-
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
 
 
 async def drain(connection: RealtimeConnection) -> list[bytes]:

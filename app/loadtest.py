@@ -618,36 +618,6 @@ def _helper_cpu(emulator: Child | None) -> dict[str, float]:
     return cpu
 
 
-def loadtest(
-    calls: int,
-    duration_s: float,
-    *,
-    server: ServerOptions,
-    url: str | None = None,
-    public_url: str | None = None,
-    auth_token: str | None = None,
-    to: str | None = None,
-    server_pids: list[int] | None = None,
-    allow_remote: bool = False,
-    progress: Callable[[str], None] | None = None,
-    ramp_s: float | None = None,
-) -> Report:
-    """One load test: start the stack (or target `url`), run the callers, report."""
-    return loadtest_runs(
-        calls,
-        duration_s,
-        server=server,
-        url=url,
-        public_url=public_url,
-        auth_token=auth_token,
-        to=to,
-        server_pids=server_pids,
-        allow_remote=allow_remote,
-        progress=progress,
-        ramp_s=ramp_s,
-    )[0]
-
-
 def loadtest_runs(
     calls: int,
     duration_s: float,
@@ -672,13 +642,18 @@ def loadtest_runs(
         raise ValueError("repeat must be 1 to 100")
     run = RunOptions(calls, duration_s, ramp_s, progress=progress)
     runner = _event_loop_runner("uvloop")  # the load generator: lean, not under test
-    if url is not None:
-        check_loopback(url, allow_remote)
-        if not auth_token or not to:
-            raise LoadTestError("targeting --url needs the server's auth token and a number")
-        public = public_url or url  # what the server signs against (its PUBLIC_URL)
-        plan = LoadPlan(url, public, auth_token, to, duration_s=duration_s, barge_in=False)
-        pids, emulator = server_pids or [], None
+    with contextlib.ExitStack() as scope:
+        if url is not None:
+            check_loopback(url, allow_remote)
+            if not auth_token or not to:
+                raise LoadTestError("targeting --url needs the server's auth token and a number")
+            public = public_url or url  # what the server signs against (its PUBLIC_URL)
+            plan = LoadPlan(url, public, auth_token, to, duration_s=duration_s, barge_in=False)
+            pids, emulator = server_pids or [], None
+        else:
+            stack = scope.enter_context(start_stack(server, barge_in_at_ms=duration_s * 1000.0))
+            plan = LoadPlan(stack.url, stack.url, stack.auth_token, stack.to, duration_s=duration_s)
+            pids, emulator = stack.server_pids, stack.emulator
         return [
             runner(
                 measure(
@@ -686,21 +661,6 @@ def loadtest_runs(
                     run,
                     server_pids=pids,
                     emulator=emulator,
-                    mode=server.mode,
-                    workers=server.workers,
-                )
-            )
-            for _ in range(repeat)
-        ]
-    with start_stack(server, barge_in_at_ms=duration_s * 1000.0) as stack:
-        plan = LoadPlan(stack.url, stack.url, stack.auth_token, stack.to, duration_s=duration_s)
-        return [
-            runner(
-                measure(
-                    plan,
-                    run,
-                    server_pids=stack.server_pids,
-                    emulator=stack.emulator,
                     mode=server.mode,
                     workers=server.workers,
                 )

@@ -23,7 +23,8 @@ DURATION_S = 2.0
 
 @pytest.fixture(scope="module", params=["pcm16", "g711"])
 def report(request: pytest.FixtureRequest) -> lt.Report:
-    return lt.loadtest(CALLS, DURATION_S, server=lt.ServerOptions(mode=request.param))
+    (report,) = lt.loadtest_runs(CALLS, DURATION_S, server=lt.ServerOptions(mode=request.param))
+    return report
 
 
 def test_every_call_completes_and_every_byte_comes_back(report: lt.Report) -> None:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import xml.etree.ElementTree as ET
 
 import httpx
 import websockets
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.embedded import wait_until
 from bridge import twilio_media as tw
@@ -28,6 +28,7 @@ from tests.e2e import (
     CALLER_NUMBER,
     call_stack,
     incoming_call,
+    metric_sample,
     wait_until_idle,
 )
 
@@ -43,12 +44,8 @@ def frames_appended(session: SessionRecord) -> int:
     return round(pcm / 48 / 20)
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
+# Counters not yet incremented are absent from the exposition: they count as 0.
+sample = functools.partial(metric_sample, absent=0.0)
 
 
 async def test_a_flooding_caller_is_limited_and_another_call_is_unaffected(

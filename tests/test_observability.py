@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from app import correlation
 from app.logging_setup import JsonFormatter, register_secret
@@ -20,18 +19,11 @@ from tests.e2e import (
     BUSINESS_NUMBER,
     CALLER_NUMBER,
     call_stack,
+    metric_sample,
     simulated_call,
 )
 
 OPENAI_KEY = "sk-test-observability-0123456789abcdef"
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return None
 
 
 class Lines(logging.Handler):
@@ -164,24 +156,30 @@ async def test_a_call_leaves_json_logs_with_its_id_and_moves_the_metrics(
         "switchboard_limit_rejections_total",
         "switchboard_spooled_records",
     ):
-        assert sample(after, name) is not None or name.endswith("_total"), name
-    assert sample(after, "switchboard_active_calls") == 0
-    assert (sample(after, "switchboard_frames_in_total") or 0) > (
-        sample(before, "switchboard_frames_in_total") or 0
+        assert metric_sample(after, name) is not None or name.endswith("_total"), name
+    assert metric_sample(after, "switchboard_active_calls") == 0
+    assert (metric_sample(after, "switchboard_frames_in_total") or 0) > (
+        metric_sample(before, "switchboard_frames_in_total") or 0
     )
-    assert (sample(after, "switchboard_frames_out_total") or 0) > 0
+    assert (metric_sample(after, "switchboard_frames_out_total") or 0) > 0
     assert (
-        sample(after, "switchboard_tool_calls_total", tool="capture_lead", outcome="proposed") == 1
+        metric_sample(
+            after, "switchboard_tool_calls_total", tool="capture_lead", outcome="proposed"
+        )
+        == 1
     )
     assert (
-        sample(after, "switchboard_tool_calls_total", tool="capture_lead", outcome="executed") == 1
+        metric_sample(
+            after, "switchboard_tool_calls_total", tool="capture_lead", outcome="executed"
+        )
+        == 1
     )
-    assert sample(after, "switchboard_tool_calls_total", tool="end_call", outcome="ok") == 1
-    assert sample(after, "switchboard_confirmations_total", outcome="proposed") == 1
-    assert sample(after, "switchboard_confirmations_total", outcome="executed") == 1
-    assert sample(after, "switchboard_tool_duration_seconds_count", tool="end_call") == 1
-    assert sample(after, "switchboard_webhook_rejections_total", reason="bad_signature") == 1
-    assert sample(after, "switchboard_calls_total", outcome="connected") == 1
+    assert metric_sample(after, "switchboard_tool_calls_total", tool="end_call", outcome="ok") == 1
+    assert metric_sample(after, "switchboard_confirmations_total", outcome="proposed") == 1
+    assert metric_sample(after, "switchboard_confirmations_total", outcome="executed") == 1
+    assert metric_sample(after, "switchboard_tool_duration_seconds_count", tool="end_call") == 1
+    assert metric_sample(after, "switchboard_webhook_rejections_total", reason="bad_signature") == 1
+    assert metric_sample(after, "switchboard_calls_total", outcome="connected") == 1
 
     # -- probes: alive is not the same as ready ------------------------------------------------
     assert health.status_code == 200

@@ -11,13 +11,13 @@ again and the next call takes and confirms a lead as usual, with no restart of o
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 from pytest_redis.executor import RedisExecutor
 from redis.asyncio import Redis
@@ -31,6 +31,7 @@ from tests.e2e import (
     BUSINESS_NUMBER,
     CALLER_NUMBER,
     call_stack,
+    metric_sample,
     simulated_call,
     wait_until_idle,
 )
@@ -45,12 +46,8 @@ from tools.runner import add_observer, remove_observer
 pytestmark = pytest.mark.redis
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
+# Counters not yet incremented are absent from the exposition: they count as 0.
+sample = functools.partial(metric_sample, absent=0.0)
 
 
 @pytest.fixture

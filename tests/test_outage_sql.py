@@ -10,18 +10,25 @@ the server is started again the flusher writes both, exactly once, and the spool
 from __future__ import annotations
 
 import asyncio
+import functools
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from app.embedded import wait_until
 from bridge.sim.caller import DEMO_SCRIPT, place_call
-from tests.e2e import AUTH_TOKEN, BUSINESS_NUMBER, CALLER_NUMBER, call_stack, wait_until_idle
+from tests.e2e import (
+    AUTH_TOKEN,
+    BUSINESS_NUMBER,
+    CALLER_NUMBER,
+    call_stack,
+    metric_sample,
+    wait_until_idle,
+)
 from tests.servers import PostgresServer, ServerBinaries
 from tools.db.models import Call, Lead
 
@@ -55,12 +62,8 @@ def own_postgres(server_binaries: ServerBinaries) -> Iterator[RestartablePostgre
         yield server
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
+# Counters not yet incremented are absent from the exposition: they count as 0.
+sample = functools.partial(metric_sample, absent=0.0)
 
 
 async def test_database_outage_mid_call_spools_then_replays_exactly_once(

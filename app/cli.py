@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, get_args
 import typer
 import uvicorn
 
+from app.serving import ProcessServer
+
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
@@ -119,7 +121,7 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
         await DrainingServer(config, app, settings.drain_timeout_s).serve()
 
 
-class DrainingServer(uvicorn.Server):
+class DrainingServer(ProcessServer):
     """A uvicorn server whose first SIGTERM/SIGINT drains before it stops.
 
     Draining: /readyz turns 503 (the load balancer stops sending calls), new calls hear a polite

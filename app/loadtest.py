@@ -787,14 +787,12 @@ def worker_main(argv: list[str]) -> None:
 
 
 async def _worker_serve(settings: Any, sock: socket.socket, ws: str) -> None:
-    import uvicorn
-
     from app.main import create_app
-    from app.serving import server_config
+    from app.serving import ProcessServer, server_config
 
     app = create_app(settings)
     config = server_config(app, settings, ws=ws, log_config=None, backlog=4096)
-    server = uvicorn.Server(config)
+    server = ProcessServer(config)  # as `switchboard serve` runs (DrainingServer is one)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     for _ in range(int(STARTUP_TIMEOUT_S / 0.01)):  # bounded
         if server.started or task.done():

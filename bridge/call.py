@@ -250,6 +250,10 @@ class CallSession:
                 task.cancel()
             await asyncio.gather(*pumps, *self._tool_tasks, return_exceptions=True)
             await self._close_sockets()
+            # No tool runs any more: drop the context's way back to this session, a cycle
+            # that would keep the whole call (transcoders, transcript, stats) in memory until
+            # a full garbage collection.
+            self._ctx.call = None
         protocol.finished = protocol.finished or reason
         summary = CallSummary(
             call_sid=self.setup.call_sid,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -198,6 +199,7 @@ async def test_draining_server_finishes_live_calls_before_stopping(sqlite_url: s
         while not server.started:
             assert not serving.done(), "server stopped during start-up"
             await asyncio.sleep(0.01)
+        assert gc.get_freeze_count() > 0  # the start-up heap is out of the collector's sight
         services = app.state.services
         services.calls["CA-live"] = object()  # a call in progress
 
@@ -216,6 +218,7 @@ async def test_draining_server_finishes_live_calls_before_stopping(sqlite_url: s
 
         del services.calls["CA-live"]  # the call ends
         await asyncio.wait_for(serving, timeout=30)
+        assert gc.get_freeze_count() == 0  # and back in it once serving is over
     finally:
         server.should_exit = True
         if not serving.done():

@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.audio import ROUND_TRIP_DELAY_MS
 from bridge.sim.load import CallResult, LoadPlan, Progress, run_load
@@ -74,6 +76,9 @@ class Report:
     rss_mib: dict[str, float | None]  # baseline / peak / after (summed over workers)
     errors: int
     error_samples: list[str] = field(default_factory=list)
+    # speech_started arrived -> clear sent, timed by the server itself (its histogram's bucket
+    # bounds; one worker only: with --workers each scrape reaches just one of them)
+    barge_in_server_ms: dict[str, float | None] = field(default_factory=dict)
     generator_late_ticks_pct: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # why figures may not be the server's
@@ -195,6 +200,9 @@ def format_report(report: Report) -> str:
         + ms(report.barge_in_ms, ("p50", "p99", "max")),
         "barge-in, trigger frame sent -> clear received (ms): "
         + ms(report.barge_in_clear_loop_ms, ("p50", "p99", "max")),
+        "barge-in, speech_started arrived -> clear sent, in the server (ms, at most): "
+        + ms(report.barge_in_server_ms, ("p50", "p99"))
+        + f"  ({int(report.barge_in_server_ms.get('count') or 0)} timed)",
         f"server CPU: {_num(report.cpu_ms_per_call_s)} ms per call-second "
         f"(window {_num(report.cpu_window_s)} s)",
         f"server RSS: {_num(report.rss_per_call_kib)} KiB per call; MiB baseline "
@@ -543,6 +551,8 @@ async def measure(
         await run_load(warm, 1, ramp_s=0.0)
     if emulator is not None:
         emulator.command("reset")
+    server_timed = workers == 1 and emulator is not None  # our stack, with its barge-ins
+    buckets_before = await barge_in_buckets(plan.server_url) if server_timed else {}
     usage = Usage()
     with contextlib.suppress(OSError):
         usage.rss_kib["baseline"] = sum(rss_kib(p) for p in server_pids)
@@ -568,6 +578,7 @@ async def measure(
         stop.set()
         await sampler
     await asyncio.sleep(1.0)  # let the servers finish saving the calls
+    buckets_after = await barge_in_buckets(plan.server_url, settled=True) if server_timed else {}
     with contextlib.suppress(OSError):
         usage.rss_kib["after"] = sum(rss_kib(p) for p in server_pids)
     elapsed = max(1e-3, time.monotonic() - helpers_since)
@@ -586,8 +597,58 @@ async def measure(
         usage=usage if server_pids else None,
     )
     report.machine["helper_cpu_pct"] = helper_cpu
+    if server_timed:
+        report.barge_in_server_ms = histogram_quantiles(buckets_before, buckets_after)
     report.warnings = measurement_warnings(report)
     return report
+
+
+BARGE_IN_HISTOGRAM = "switchboard_barge_in_reaction_seconds"
+
+
+async def barge_in_buckets(url: str, *, settled: bool = False) -> dict[float, float]:
+    """The server's barge-in reaction histogram: cumulative count per bucket bound (s).
+
+    `settled`: first wait (bounded) until the server has no call left: a call's samples are
+    observed as it ends.
+    """
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        for _ in range(100):  # bounded: 10 s
+            text = (await http.get(url.rstrip("/") + "/metrics")).text
+            if not settled or _sample(text, "switchboard_active_calls") == 0:
+                break
+            await asyncio.sleep(0.1)
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == BARGE_IN_HISTOGRAM + "_bucket":
+                buckets[float(sample.labels["le"])] = sample.value
+    return buckets
+
+
+def _sample(text: str, name: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    return None
+
+
+def histogram_quantiles(
+    before: dict[float, float], after: dict[float, float]
+) -> dict[str, float | None]:
+    """p50/p99 (ms) of what a cumulative histogram gained between two scrapes, each as the
+    bound of the bucket it falls in (an upper bound; None past the last finite bound)."""
+    bounds = sorted(after)
+    gained = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = gained[-1] if gained else 0.0
+    result: dict[str, float | None] = {"p50": None, "p99": None, "count": total}
+    if total <= 0:
+        return result
+    for name, q in (("p50", 0.50), ("p99", 0.99)):
+        bound = next(b for b, n in zip(bounds, gained, strict=True) if n >= q * total)
+        result[name] = None if bound == float("inf") else round(bound * 1000.0, 3)
+    return result
 
 
 def measurement_warnings(report: Report) -> list[str]:
@@ -728,6 +789,7 @@ def medians(reports: list[Report]) -> dict[str, Any]:
         "max_ms": median(lambda r: r.latency_ms["max"]),
         "audio_returned_pct": median(lambda r: r.audio_returned_pct),
         "barge_in_p99_ms": median(lambda r: r.barge_in_ms["p99"]),
+        "barge_in_server_p99_ms": median(lambda r: r.barge_in_server_ms.get("p99")),
         "cpu_ms_per_call_s": median(lambda r: r.cpu_ms_per_call_s),
         "rss_per_call_kib": median(lambda r: r.rss_per_call_kib),
         # One server serves every run: its RSS after each run shows growth across calls.

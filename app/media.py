@@ -211,6 +211,8 @@ async def media_stream(websocket: MediaSocket) -> None:
     # Sampled by the bridge (a few per second, not per frame), once it records them.
     for seconds in getattr(stats, "added_latency_s", ()):
         metrics.added_latency.observe(seconds)
+    for seconds in getattr(stats, "barge_in_reaction_s", ()):
+        metrics.barge_in_reaction.observe(seconds)
     log.info(
         "call %s ended (%s) after %.1fs: %d frames in, %d out, %d dropped, %d tool calls",
         summary.call_sid,

@@ -132,6 +132,13 @@ class Metrics:
             registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
         )
+        self.barge_in_reaction = Histogram(
+            "barge_in_reaction_seconds",
+            "Barge-in: the model's speech_started arriving to the clear handed to Twilio's socket.",
+            namespace=ns,
+            registry=r,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05),
+        )
         self.confirmations = Counter(
             "confirmations",
             "Confirmation protocol steps by outcome (proposed, executed, rejected, expired, "

@@ -329,12 +329,18 @@ class CallSession:
                     # Already dispatched (answered or running): a tool never runs twice.
                     self.upstream_stats.duplicate_tool_calls += 1
                     continue
+                if kind is rt.SpeechStarted:
+                    # It arrived no earlier than the oldest message still queued did.
+                    arrived = getattr(upstream, "queued_since", None) or time.perf_counter()
+                    barge_ins = protocol.stats.barge_ins
                 protocol.receive_realtime(event)
                 try:
                     for out in protocol.twilio_frames_to_send():
                         await send(out)
                 except Exception as gone:  # Starlette's WebSocketDisconnect, a reset socket...
                     return Verdict.FATAL, self._twilio_gone(type(gone).__name__)
+                if kind is rt.SpeechStarted:
+                    self._speech_started_handled(barge_ins, arrived)
                 self._latency_end(kind, started)
                 if protocol._to_realtime:
                     await self._flush_realtime()
@@ -358,8 +364,6 @@ class CallSession:
                         )
                 elif kind is rt.OutputTranscriptDone:
                     history.agent_said(event.item_id, event.transcript)
-                elif kind is rt.SpeechStarted:
-                    self._caller_speaking = True
                 elif kind is rt.SpeechStopped:
                     self._caller_speaking = False
                 elif kind is rt.ErrorEvent:
@@ -473,8 +477,9 @@ class CallSession:
         return True
 
     def _realtime_fast_path(self, frame: bytes) -> bool:
-        """`_pump_session` for model audio deltas and the events it only passes over, in the
-        Realtime socket's frame callback."""
+        """`_pump_session` for model audio deltas, the caller's speech starting and stopping
+        (a barge-in's `clear` then leaves without waiting for a pump) and the events the pump
+        only passes over, in the Realtime socket's frame callback."""
         try:
             twilio = self._fast_twilio
             if self._restoring or twilio is None or not twilio.writable:
@@ -485,25 +490,44 @@ class CallSession:
             # Other: transcript deltas and the like, as frequent as the audio and nothing to
             # do; a pump woken for them would make the next delta queue behind them.
             if kind is not rt.AudioDelta and kind is not rt.Other:
-                return False
+                if kind is not rt.SpeechStarted and kind is not rt.SpeechStopped:
+                    return False
+                if not self._upstream.writable:
+                    return False  # a barge-in's cancel and truncate would have to wait
         except Exception:
             self._fast_path_failed()
             return False  # nothing has changed: the pump handles it
         try:
             protocol = self.protocol
+            if kind is rt.SpeechStarted:
+                arrived = time.perf_counter()  # its parse (~1 µs) is not counted
+                barge_ins = protocol.stats.barge_ins
             protocol.receive_realtime(event)
             if self._send_to_twilio_nowait(twilio):
                 self._latency_end(kind, started)
                 if protocol._to_realtime:
                     self._flush_realtime_nowait()
-                if kind is not rt.AudioDelta and protocol.hang_up_requested:
-                    self._note_progress()
+                if kind is not rt.AudioDelta:
+                    if kind is rt.SpeechStarted:
+                        self._speech_started_handled(barge_ins, arrived)
+                    elif kind is rt.SpeechStopped:
+                        self._caller_speaking = False
+                    if protocol.hang_up_requested:
+                        self._note_progress()
         except Exception:
             # The call's state has changed: the message counts as handled (True), since the
             # pump handling it again could send its audio twice.
             self._fast_path_failed()
         self.protocol.stats.fast_path_frames += 1
         return True
+
+    def _speech_started_handled(self, barge_ins: int, arrived: float) -> None:
+        """The caller started speaking, and what that sent to Twilio has been handed to its
+        socket: if it was a barge-in (a `clear`), how long after `arrived` that was."""
+        self._caller_speaking = True
+        stats = self.protocol.stats
+        if stats.barge_ins != barge_ins:
+            stats.barge_in_reaction(time.perf_counter() - arrived)
 
     def _send_to_twilio_nowait(self, twilio: FastTwilioSocket) -> bool:
         """What the protocol queued for Twilio, sent now; False if the socket is gone.

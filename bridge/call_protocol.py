@@ -51,6 +51,9 @@ class CallStats:
     # Sampled (not per frame) seconds from a model audio frame arriving to its Twilio frame
     # leaving; bounded so an hour-long call keeps a fixed-size record.
     added_latency_s: list[float] = field(default_factory=list)
+    # Seconds from the model's speech_started arriving to the `clear` handed to the Twilio
+    # socket, per barge-in that cut audio (bounded like the latency samples).
+    barge_in_reaction_s: list[float] = field(default_factory=list)
 
     def dropped(self, reason: str) -> None:
         self.frames_dropped[reason] = self.frames_dropped.get(reason, 0) + 1
@@ -58,6 +61,10 @@ class CallStats:
     def latency_sample(self, seconds: float) -> None:
         if len(self.added_latency_s) < MAX_LATENCY_SAMPLES:
             self.added_latency_s.append(seconds)
+
+    def barge_in_reaction(self, seconds: float) -> None:
+        if len(self.barge_in_reaction_s) < MAX_LATENCY_SAMPLES:
+            self.barge_in_reaction_s.append(seconds)
 
 
 class CallProtocol:

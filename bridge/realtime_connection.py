@@ -20,6 +20,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
+from time import perf_counter
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -133,6 +134,7 @@ class RealtimeConnection(WSListener):
         "_transport",
         "_waiter",
         "_write_paused",
+        "queued_since",
     )
 
     def __init__(self) -> None:
@@ -147,6 +149,9 @@ class RealtimeConnection(WSListener):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._abandoned = False  # connect() gave up (timeout, cancel) before it returned
         self._fast_path: Callable[[bytes], bool] | None = None
+        # perf_counter() when the receive queue last went from empty to not empty: no message
+        # now queued arrived earlier, so a consumer can bound how long one has waited.
+        self.queued_since = 0.0
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -244,12 +249,15 @@ class RealtimeConnection(WSListener):
                     return
                 # Else wake the consumer (once, not per frame: later frames only queue).
                 self._waiter = None
+                self.queued_since = perf_counter()  # an idle consumer has nothing queued
                 self._queue.append(payload)
                 if not waiter.done():
                     waiter.set_result(None)
                 return
             queue = self._queue
-            if len(queue) >= MAX_QUEUED_MESSAGES:
+            if not queue:
+                self.queued_since = perf_counter()
+            elif len(queue) >= MAX_QUEUED_MESSAGES:
                 self._fail(CloseCode.POLICY_VIOLATION, "receive queue full", discard=True)
                 return
             queue.append(payload)
@@ -298,7 +306,9 @@ class RealtimeConnection(WSListener):
         # PING is answered by picows (auto-pong) before it gets here; PONG needs nothing.
 
     def _deliver(self, payload: bytes) -> None:
-        if len(self._queue) >= MAX_QUEUED_MESSAGES:
+        if not self._queue:
+            self.queued_since = perf_counter()
+        elif len(self._queue) >= MAX_QUEUED_MESSAGES:
             self._fail(CloseCode.POLICY_VIOLATION, "receive queue full", discard=True)
             return
         self._queue.append(payload)

@@ -43,6 +43,7 @@ from bridge.call_protocol import CallProtocol
 from bridge.realtime_connection import RealtimeConnection
 from bridge.sim import voice
 from bridge.sim.caller import (
+    BARGE_IN_SCRIPT,
     DEMO_SCRIPT,
     CallerScript,
     hang_up,
@@ -178,6 +179,43 @@ async def test_a_calls_hot_messages_are_handled_in_the_socket_callbacks(
         )
     # The latency samples moved with the deltas into the callback: still one per 25 frames.
     assert len(stats.added_latency_s) >= deltas // 25 - 2
+
+
+# -- barge-in ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["fast", "pump"])
+async def test_a_barge_in_is_cleared_and_timed_on_either_path(
+    path: str, sqlite_url: str, fast_paths: FastPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "fast": the clear leaves from the Realtime socket's frame callback. "pump": the fast path
+    # declines speech_started (as it does when the upstream is backed up), the pump handles
+    # it, and its reaction is timed from when the oldest message it had queued arrived.
+    if path == "pump":
+        realtime_path = CallSession._realtime_fast_path
+
+        def declining(self: CallSession, frame: bytes) -> bool:
+            if type(rt.parse_server_event(frame)) is rt.SpeechStarted:
+                return False
+            return realtime_path(self, frame)
+
+        monkeypatch.setattr(CallSession, "_realtime_fast_path", declining)
+    async with call_stack("barge_in", database_url=sqlite_url) as stack:
+        report = await simulated_call(stack, BARGE_IN_SCRIPT, pace=0.25)
+        (session,) = stack.emulator.sessions
+        metrics = stack.services.metrics.registry
+        timed = metrics.get_sample_value("switchboard_barge_in_reaction_seconds_count")
+    stats = fast_paths.session.protocol.stats
+
+    assert report.violations == [] and len(report.clears) == 1
+    assert len(session.received("conversation.item.truncate")) == 1
+    taken = fast_paths.taken["SpeechStarted"]
+    assert (taken >= 1) if path == "fast" else (taken == 0)
+    # One barge-in cut audio, and it was timed; other speech_started events cut nothing.
+    assert stats.barge_ins == 1
+    (reaction_s,) = stats.barge_in_reaction_s
+    assert reaction_s > 0
+    assert timed == 1
 
 
 # -- a busy pump -------------------------------------------------------------------------------

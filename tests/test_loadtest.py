@@ -44,6 +44,10 @@ def test_each_call_had_one_barge_in_answered_with_clear_and_cancel(report: lt.Re
     assert report.barge_in_ms["count"] == CALLS
     assert report.barge_in_clear_loop_ms["count"] == CALLS
     assert 0 < report.barge_in_ms["p50"] <= report.barge_in_ms["max"]
+    # The server timed each barge-in itself (its histogram, scraped around the run).
+    server = report.barge_in_server_ms
+    assert server["count"] == CALLS
+    assert server["p50"] is not None and 0 < server["p50"] <= server["p99"]
 
 
 def test_server_usage_is_read_from_proc(report: lt.Report) -> None:
@@ -90,6 +94,15 @@ def test_percentiles_of_known_values() -> None:
     assert stats["max"] == 100
     assert stats["p50"] == 50.5
     assert lt.percentiles([])["p99"] is None
+
+
+def test_histogram_quantiles_are_bucket_bounds_of_what_a_run_added() -> None:
+    before = {0.001: 5.0, 0.002: 5.0, 0.005: 5.0, float("inf"): 5.0}  # an earlier run's
+    after = {0.001: 55.0, 0.002: 103.0, 0.005: 104.0, float("inf"): 105.0}
+    assert lt.histogram_quantiles(before, after) == {"p50": 1.0, "p99": 5.0, "count": 100.0}
+    tail = {0.001: 1.0, 0.002: 1.0, 0.005: 1.0, float("inf"): 3.0}
+    assert lt.histogram_quantiles({}, tail) == {"p50": None, "p99": None, "count": 3.0}
+    assert lt.histogram_quantiles(after, after)["p99"] is None  # nothing in this run
 
 
 def test_loadtest_cli_prints_json() -> None:

@@ -42,6 +42,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.metrics import metric_sample
 from bridge.audio import ROUND_TRIP_DELAY_MS
 from bridge.sim.load import CallResult, LoadPlan, Progress, run_load
 
@@ -615,7 +616,7 @@ async def barge_in_buckets(url: str, *, settled: bool = False) -> dict[float, fl
     async with httpx.AsyncClient(timeout=5.0) as http:
         for _ in range(100):  # bounded: 10 s
             text = (await http.get(url.rstrip("/") + "/metrics")).text
-            if not settled or _sample(text, "switchboard_active_calls") == 0:
+            if not settled or metric_sample(text, "switchboard_active_calls") == 0:
                 break
             await asyncio.sleep(0.1)
     buckets: dict[float, float] = {}
@@ -624,14 +625,6 @@ async def barge_in_buckets(url: str, *, settled: bool = False) -> dict[float, fl
             if sample.name == BARGE_IN_HISTOGRAM + "_bucket":
                 buckets[float(sample.labels["le"])] = sample.value
     return buckets
-
-
-def _sample(text: str, name: str) -> float | None:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return sample.value
-    return None
 
 
 def histogram_quantiles(

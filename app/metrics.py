@@ -18,6 +18,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -190,3 +191,14 @@ class Metrics:
 async def metrics_endpoint(request: Request) -> Response:
     metrics: Metrics = request.app.state.services.metrics
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def metric_sample(
+    text: str, name: str, *, absent: float | None = None, **labels: str
+) -> float | None:
+    """Sample `name` with `labels` in a Prometheus text exposition (`absent` if it is not there)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return absent

@@ -54,8 +54,9 @@ class ProcessServer(uvicorn.Server):
     Once started, everything alive is frozen out of the cyclic garbage collector's sight
     (`gc.freeze`): modules, the app, pydantic and SQLAlchemy models, the migrations' leftovers
     collected first. A full collection then walks only what calls created: measured with
-    `switchboard loadtest --calls 100`, its pauses were 20-175 ms with the ~230 000 startup
-    objects in view, enough to stall every call's audio (the max round trip of 80-95 ms). The
+    `switchboard loadtest --calls 100`, full collections walking the ~230 000 start-up objects
+    (and the calls' garbage) paused 20-175 ms, stalling every call's audio (max round trips of
+    76-95 ms). The
     freeze ends with serving, so a process that serves more than once (the tests) gets its
     objects collected as usual afterwards.
     """

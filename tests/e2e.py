@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 from twilio.request_validator import RequestValidator
 
 from app.embedded import RunningServer, bind_loopback, running_server, wait_until
@@ -151,14 +150,3 @@ def word_frequencies(samples: np.ndarray, rate: int) -> list[int]:
 
 def expected_word_frequencies(texts: list[str]) -> list[int]:
     return [segment.frequency_hz for text in texts for segment in voice.plan(text).segments]
-
-
-def metric_sample(
-    text: str, name: str, *, absent: float | None = None, **labels: str
-) -> float | None:
-    """Sample `name` with `labels` in a Prometheus text exposition (`absent` if it is not there)."""
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return absent

@@ -207,3 +207,12 @@ def _unknown_fields(node: object, path: str) -> list[str]:
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
+
+
+def assert_every_event_valid(session: Any) -> None:
+    """Every event of an emulator session (a `bridge.sim.emulator.SessionRecord`), both ways."""
+    assert session.client_events and session.server_events
+    for event in session.client_events:
+        assert_valid_client_event(event)
+    for event in session.server_events:
+        assert_valid_server_event(event)

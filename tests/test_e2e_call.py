@@ -30,16 +30,8 @@ from tests.e2e import (
     wait_until_idle,
     word_frequencies,
 )
-from tests.sdk_oracle import assert_valid_client_event, assert_valid_server_event
+from tests.sdk_oracle import assert_every_event_valid
 from tools.db.models import AuditLog, Call, Lead
-
-
-def assert_every_event_valid(session) -> None:
-    assert session.client_events and session.server_events
-    for event in session.client_events:
-        assert_valid_client_event(event)
-    for event in session.server_events:
-        assert_valid_server_event(event)
 
 
 @pytest.mark.parametrize("audio_mode", ["pcm16", "g711"])

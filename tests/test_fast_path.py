@@ -62,6 +62,7 @@ from tests.e2e import (
     wait_until_idle,
     word_frequencies,
 )
+from tests.sdk_oracle import assert_every_event_valid
 from tools.conversation import ConversationLog
 
 APPEND = "input_audio_buffer.append"
@@ -208,9 +209,10 @@ async def test_a_barge_in_is_cleared_and_timed_on_either_path(
     stats = fast_paths.session.protocol.stats
 
     assert report.violations == [] and len(report.clears) == 1
+    assert_every_event_valid(session)  # the cancel and truncate sent from the callback too
     assert len(session.received("conversation.item.truncate")) == 1
-    taken = fast_paths.taken["SpeechStarted"]
-    assert (taken >= 1) if path == "fast" else (taken == 0)
+    if path == "fast":
+        assert fast_paths.taken["SpeechStarted"] >= 1
     # One barge-in cut audio, and it was timed; other speech_started events cut nothing.
     assert stats.barge_ins == 1
     (reaction_s,) = stats.barge_in_reaction_s

@@ -19,6 +19,7 @@ import httpx
 import websockets
 
 from app.embedded import wait_until
+from app.metrics import metric_sample
 from bridge import twilio_media as tw
 from bridge.sim.caller import ECHO_SCRIPT, place_call
 from bridge.sim.emulator import SessionRecord
@@ -28,7 +29,6 @@ from tests.e2e import (
     CALLER_NUMBER,
     call_stack,
     incoming_call,
-    metric_sample,
     wait_until_idle,
 )
 

@@ -13,13 +13,13 @@ import pytest
 
 from app import correlation
 from app.logging_setup import JsonFormatter, register_secret
+from app.metrics import metric_sample
 from bridge.sim.caller import DEMO_SCRIPT
 from tests.e2e import (
     AUTH_TOKEN,
     BUSINESS_NUMBER,
     CALLER_NUMBER,
     call_stack,
-    metric_sample,
     simulated_call,
 )
 

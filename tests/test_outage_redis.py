@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 
 from app.embedded import wait_until
+from app.metrics import metric_sample
 from bridge.sim.caller import DEMO_SCRIPT, place_call
 from prompts.profiles import BusinessProfile
 from tests.e2e import (
@@ -31,7 +32,6 @@ from tests.e2e import (
     BUSINESS_NUMBER,
     CALLER_NUMBER,
     call_stack,
-    metric_sample,
     simulated_call,
     wait_until_idle,
 )

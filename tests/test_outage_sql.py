@@ -20,13 +20,13 @@ import pytest
 from sqlalchemy import func, select
 
 from app.embedded import wait_until
+from app.metrics import metric_sample
 from bridge.sim.caller import DEMO_SCRIPT, place_call
 from tests.e2e import (
     AUTH_TOKEN,
     BUSINESS_NUMBER,
     CALLER_NUMBER,
     call_stack,
-    metric_sample,
     wait_until_idle,
 )
 from tests.servers import PostgresServer, ServerBinaries

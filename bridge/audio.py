@@ -4,16 +4,16 @@ Sans-I/O: plain functions and small stateful classes over ``bytes`` (PCM16 is al
 little-endian mono). Twilio Media Streams carry μ-law at 8 kHz; the Realtime API's ``audio/pcm``
 is 24 kHz PCM16, so in ``pcm16`` mode every 20 ms frame goes through one of the transcoders below.
 
-Everything expensive (the μ-law tables and the resampling filter) is built once at import; the
-per-frame work is a handful of vectorised numpy calls on 160 / 480 samples into preallocated
-working buffers, with no Python loop over samples (only small temporaries and the returned
-``bytes`` are allocated per frame).
+Everything expensive (the μ-law tables, the resampling filter and the compiled resampler
+kernels) is built once at import; the per-frame work is one compiled kernel call into
+preallocated working buffers (only the returned ``bytes`` are allocated per frame).
 """
 
 from __future__ import annotations
 
 from typing import Final
 
+import numba as nb
 import numpy as np
 import numpy.typing as npt
 
@@ -129,45 +129,35 @@ def _quantise(taps: np.ndarray) -> np.ndarray:
 _LOWPASS: Final = _design_lowpass()
 _LOWPASS.flags.writeable = False
 
-# Both resamplers evaluate the FIR as one small matrix product per call, in blocks of _UP_INS
-# inputs (interpolator) or _DOWN_OUTS outputs (decimator). Each block matrix row is the window
-# of input samples those need, read in place from the stream buffer; the rows overlap, so numpy
-# copies them once (a few KB) and hands a dense product to BLAS. That is ~2.5x faster than one
-# dot per output window (overlapping 85-sample windows would be copied 28x over) and needs no
-# Python loop. The zeros in the block matrices cost a little arithmetic, not accuracy: the sums
-# are exact (see above), so the block sizes change no output bit and are a speed choice only.
-# 16 per row (10 rows for a 20 ms frame) measured fastest in both directions, ~0.3 µs per frame
-# each under 32 per row (tried 8 to 40).
-_UP_INS: Final = 16
+# The resampler cores are small loops compiled by numba: each 20 ms frame is one call that
+# decodes, filters, rounds and encodes. The numpy formulation this replaces (block matrix
+# products over overlapping windows, then clip / rint / cast / table gather as separate array
+# calls) spent most of its time in per-call overhead and touched ~50 KB per frame; in a server
+# carrying 100 calls it cost 12 + 11 µs per frame pair, against 7 + 8 µs for these loops
+# (perf_counter around each `process` call inside a `loadtest --calls 100` worker).
+#
+# Signatures are explicit, so the kernels compile when this module is imported (or load from
+# numba's on-disk cache): never in the middle of a call. fastmath lets LLVM vectorise the
+# multiply-accumulate loops by reassociating the sums, which changes no bit (see "Arithmetic"
+# above); inputs are finite by construction (decoded samples). Callers guarantee buffer sizes,
+# so bounds checks are off.
 
-# Decimator: output m = sum_j taps[j] * x[3m - j]. The taps are symmetric, so dotting the same
-# vector with the window x[3m - 84 .. 3m] (oldest first) gives that sum. A block row starts at
-# the window of output 16a and spans the 3 * 15 + 85 input samples of 16 windows; column b
-# holds the taps shifted by 3b, so row a yields outputs 16a .. 16a + 15.
-_DOWN_OUTS: Final = 16
-_DOWN_STRIDE: Final = _RATIO * _DOWN_OUTS  # input samples between block rows
-_DOWN_ROW: Final = _RATIO * (_DOWN_OUTS - 1) + _TAPS
-_DOWN_BLOCK: Final = np.zeros((_DOWN_ROW, _DOWN_OUTS))
-for _b in range(_DOWN_OUTS):
-    _DOWN_BLOCK[_RATIO * _b : _RATIO * _b + _TAPS, _b] = _quantise(_LOWPASS)
-_DOWN_BLOCK.flags.writeable = False
-
+# Decimator: output m = sum_j taps[j] * x[3m + j] over a window starting at 3m (the taps are
+# symmetric, so this order gives the convolution).
+_DOWN_TAPS: Final = _quantise(_LOWPASS)
+_DOWN_TAPS.flags.writeable = False
 # Interpolator, polyphase: zero-stuffing x by 3 and filtering with 3 * taps gives
 #   y[3n + p] = sum_k 3 * taps[3k + p] * x[n - k],   p = 0, 1, 2,
-# i.e. each input sample produces 3 outputs from its last _PHASE_LEN inputs (taps zero-padded
-# to a multiple of 3). _UP_PHASES[j, p] multiplies x[n - (_PHASE_LEN - 1) + j] (window oldest
-# first). A block row spans 16 + _PHASE_LEN - 1 input samples; columns 3b .. 3b + 2 hold the
-# phases shifted by b, so row a yields the 48 interleaved outputs of inputs 16a .. 16a + 15.
-_PHASE_LEN: Final = -(-_TAPS // _RATIO)
+# i.e. each input yields 3 outputs from its last _PHASE_LEN inputs (gain 3 restores the level
+# lost to zero-stuffing; the taps are zero-padded to 3 * _PHASE_LEN). Stored oldest first:
+# _UP_PHASES[p, j] multiplies x[n - _HISTORY + j].
+_PHASE_LEN: Final = -(-_TAPS // _RATIO)  # 29
+_HISTORY: Final = _PHASE_LEN - 1  # input samples of history the interpolator keeps
 _padded = np.zeros(_PHASE_LEN * _RATIO)
-_padded[:_TAPS] = _RATIO * _LOWPASS  # gain 3 restores the level lost to zero-stuffing
-_UP_PHASES: Final = _quantise(_padded.reshape(_PHASE_LEN, _RATIO)[::-1])
-_UP_ROW: Final = _UP_INS + _PHASE_LEN - 1
-_UP_BLOCK: Final = np.zeros((_UP_ROW, _RATIO * _UP_INS))
-for _b in range(_UP_INS):
-    _UP_BLOCK[_b : _b + _PHASE_LEN, _RATIO * _b : _RATIO * _b + _RATIO] = _UP_PHASES
-_UP_BLOCK.flags.writeable = False
-del _padded, _b
+_padded[:_TAPS] = _RATIO * _LOWPASS
+_UP_PHASES: Final = np.ascontiguousarray(_quantise(_padded).reshape(_PHASE_LEN, _RATIO)[::-1].T)
+_UP_PHASES.flags.writeable = False
+del _padded
 
 _DELAY_SAMPLES_24K: Final = (_TAPS - 1) / 2  # group delay of a symmetric FIR
 UPSAMPLE_DELAY_MS: Final[float] = 1000.0 * _DELAY_SAMPLES_24K / _RATE_HIGH
@@ -175,55 +165,109 @@ DOWNSAMPLE_DELAY_MS: Final[float] = 1000.0 * _DELAY_SAMPLES_24K / _RATE_HIGH
 ROUND_TRIP_DELAY_MS: Final[float] = UPSAMPLE_DELAY_MS + DOWNSAMPLE_DELAY_MS
 
 # The outbound path encodes filter output directly: a 2**17-entry table over -65536..65535
-# (negative indices address it from the end) that saturates to the int16 range, so rounding and
-# indexing replace clip + cast + encode. Decimator output is bounded by 32768 * sum(|taps|).
+# (indexed modulo 2**17, so negative values address it from the end) that saturates to the
+# int16 range, so one rounding and one lookup replace clip + cast + encode. Decimator output
+# is bounded by 32768 * sum(|taps|) < 65536 (checked below).
 _ULAW_ENCODE_SATURATING: Final = np.empty(1 << 17, dtype=np.uint8)
 _ULAW_ENCODE_SATURATING[:] = np.roll(
     _ULAW_ENCODE[np.clip(np.arange(-65536, 65536), -32768, 32767).astype(np.int16).view(np.uint16)],
     -65536,
 )
 _ULAW_ENCODE_SATURATING.flags.writeable = False
-if 32768 * np.abs(_DOWN_BLOCK[:, 0]).sum() >= 65536:
+if 32768 * np.abs(_DOWN_TAPS).sum() >= 65536:
     raise RuntimeError("decimator output could exceed the saturating μ-law table")
 
-_INITIAL_CAPACITY: Final = 960  # input samples; 20 ms at 24 kHz is 480, bigger chunks grow it
-_ITEM: Final = np.dtype(np.float64).itemsize
-
-# Per-frame numpy call overhead matters as much as the arithmetic on 160 / 480 samples, so the
-# hot path avoids the Python-level layers in front of the C code: dtype objects are passed
-# positionally (a dtype string or keyword is parsed per call), ndarray methods replace np.*
-# wrappers that go through fromnumeric._wrapfunc, and ufuncs are called directly. np.clip in
-# particular is three Python layers over the clip ufunc (~2.3 µs vs ~0.5 µs on 480 samples);
-# for finite input the ufunc is exactly min(max(y, lo), hi). Its bounds are 0-d arrays because
-# Python float bounds are converted on every call (~0.3 µs more).
 _U8: Final = np.dtype(np.uint8)
 _I16: Final = np.dtype("<i2")
-_clip: Final = np._core.umath.clip
-_rint: Final = np.rint
-_PCM16_MIN: Final = np.array(-32768.0)
-_PCM16_MAX: Final = np.array(32767.0)
-_PCM16_MIN.flags.writeable = False
-_PCM16_MAX.flags.writeable = False
+_INITIAL_CAPACITY: Final = 960  # input samples; 20 ms at 24 kHz is 480, bigger chunks grow it
+
+_F64 = nb.float64[::1]
+_KERNEL: Final = {"cache": True, "fastmath": True, "boundscheck": False, "nogil": True}
 
 
-def _to_pcm16(y: np.ndarray, scratch: np.ndarray) -> bytes:
-    """Saturate and round filter output to int16 LE bytes (overshoot clips, never wraps).
+@nb.njit(inline="always")
+def _rounded_pcm16(v: float) -> np.int16:
+    return np.int16(np.rint(min(max(v, -32768.0), 32767.0)))  # saturates, never wraps
 
-    ``y`` is the core's own output buffer, so it is rounded in place; the cast of the rounded
-    (integral, in-range) floats is exact, and a plain assignment does it ~3x faster than rint
-    writing to int16 through the ufunc's casting buffer.
+
+@nb.njit(inline="always")
+def _interpolate(buf: np.ndarray, n: int, out: np.ndarray) -> None:
+    """The 3n outputs of the n inputs at buf[_HISTORY:], rounded into out; then keep history.
+
+    One output triple per input, each a 29-tap dot product that LLVM vectorises over the taps.
     """
-    _clip(y, _PCM16_MIN, _PCM16_MAX, y)
-    _rint(y, y)
-    scratch[...] = y
-    return scratch.tobytes()
+    for i in range(n):
+        y0 = y1 = y2 = 0.0
+        for j in range(_PHASE_LEN):
+            x = buf[i + j]
+            y0 += _UP_PHASES[0, j] * x
+            y1 += _UP_PHASES[1, j] * x
+            y2 += _UP_PHASES[2, j] * x
+        out[_RATIO * i] = _rounded_pcm16(y0)
+        out[_RATIO * i + 1] = _rounded_pcm16(y1)
+        out[_RATIO * i + 2] = _rounded_pcm16(y2)
+    for j in range(_HISTORY):  # ascending: safe although the ranges overlap when n < _HISTORY
+        buf[j] = buf[n + j]
 
 
-def _to_ulaw(y: np.ndarray, scratch: np.ndarray) -> bytes:
-    """Round filter output and μ-law encode it through the saturating table (one gather)."""
-    _rint(y, y)  # in place, then an exact cast: as for _to_pcm16
-    scratch[...] = y  # scratch is intp: a ready-made index array (negative ones wrap)
-    return _ULAW_ENCODE_SATURATING[scratch].tobytes()
+@nb.njit(inline="always")
+def _decimate(buf: np.ndarray, fill: int, out: np.ndarray, encode: bool) -> int:
+    """Each complete output of buf[:fill], rounded into out; returns m + (new fill << 32).
+
+    Output m is the 85-tap dot product with the window buf[3m : 3m + 85] (the taps are
+    symmetric, so this order gives the convolution), vectorised over the taps. The unconsumed
+    tail, the start of the next output's window, moves to the front of buf. ``encode``
+    (a compile-time constant) selects μ-law through the saturating table over PCM16.
+    """
+    m = (fill - _TAPS) // _RATIO + 1 if fill >= _TAPS else 0
+    for o in range(m):
+        y = 0.0
+        base = _RATIO * o
+        for j in range(_TAPS):
+            y += _DOWN_TAPS[j] * buf[base + j]
+        if encode:
+            out[o] = _ULAW_ENCODE_SATURATING[np.int64(np.rint(y)) & 0x1FFFF]
+        else:
+            out[o] = _rounded_pcm16(y)
+    consumed = _RATIO * m
+    rest = fill - consumed
+    for j in range(rest):  # ascending: safe although the ranges may overlap
+        buf[j] = buf[consumed + j]
+    return m | (rest << 32)
+
+
+@nb.njit(nb.void(nb.types.Array(nb.uint8, 1, "C", readonly=True), _F64, nb.int16[::1]), **_KERNEL)
+def _upsample_ulaw(codes: np.ndarray, buf: np.ndarray, out: np.ndarray) -> None:
+    for i in range(len(codes)):
+        buf[_HISTORY + i] = _ULAW_DECODE_F64[codes[i]]
+    _interpolate(buf, len(codes), out)
+
+
+@nb.njit(nb.void(nb.types.Array(nb.int16, 1, "C", readonly=True), _F64, nb.int16[::1]), **_KERNEL)
+def _upsample_pcm16(samples: np.ndarray, buf: np.ndarray, out: np.ndarray) -> None:
+    for i in range(len(samples)):
+        buf[_HISTORY + i] = samples[i]
+    _interpolate(buf, len(samples), out)
+
+
+_PCM16_IN = nb.types.Array(nb.int16, 1, "C", readonly=True)
+
+
+@nb.njit(nb.int64(_PCM16_IN, _F64, nb.int64, nb.int16[::1]), **_KERNEL)
+def _downsample_pcm16(samples: np.ndarray, buf: np.ndarray, fill: int, out: np.ndarray) -> int:
+    """Append samples after buf[:fill] and decimate; returns m + (new fill << 32), one int
+    being cheaper for numba to return than a tuple."""
+    for i in range(len(samples)):
+        buf[fill + i] = samples[i]
+    return _decimate(buf, fill + len(samples), out, False)
+
+
+@nb.njit(nb.int64(_PCM16_IN, _F64, nb.int64, nb.uint8[::1]), **_KERNEL)
+def _downsample_ulaw(samples: np.ndarray, buf: np.ndarray, fill: int, out: np.ndarray) -> int:
+    """As _downsample_pcm16, μ-law encoding each output."""
+    for i in range(len(samples)):
+        buf[fill + i] = samples[i]
+    return _decimate(buf, fill + len(samples), out, True)
 
 
 class _OddByteCarry:
@@ -243,164 +287,67 @@ class _OddByteCarry:
         return np.frombuffer(data, dtype=_I16, count=whole // 2)
 
 
-def _block_rows(buf: np.ndarray, rows: int, stride: int, width: int) -> np.ndarray:
-    """View of ``rows`` windows buf[a*stride : a*stride + width] (overlapping, no copy)."""
-    return np.ndarray((rows, width), dtype=np.float64, buffer=buf, strides=(stride * _ITEM, _ITEM))
-
-
-# Both cores below keep every view a call needs (where the input goes, the block windows, the
-# output rows, the history shift, the returned slices) for the last frame shape they saw, and
-# rebuild them only when it changes (and whenever the buffers are reallocated, which only
-# happens then). Frames almost always have the same length, so a steady-state call creates no
-# views at all: making one costs ~0.2 µs, and there would be seven per call.
-
-
 class _Interpolator:
-    """8 kHz -> 24 kHz polyphase FIR core working on float64 samples.
+    """8 kHz -> 24 kHz polyphase FIR state: exactly 3 outputs per input, any chunking.
 
-    State is the last _PHASE_LEN - 1 input samples, kept at the front of ``_buf`` so that every
-    output sees a full filter window: frame joins are seamless and the output is identical
-    however the input is chunked. Starts from silence (zero history). Past the new samples the
-    buffer holds stale (finite) samples: they only feed outputs beyond the ones returned.
-
-    Per frame: ``slot(n)`` says where to write the n new samples, ``run()`` filters them.
+    ``_buf`` starts with the last _HISTORY input samples (silence at first), so frame joins are
+    seamless and the output is identical however the input is chunked. The buffers grow when
+    a chunk is longer than any before (rare: Twilio frames are 160 samples).
     """
 
-    __slots__ = (
-        "_buf",
-        "_history_dst",
-        "_history_src",
-        "_n",
-        "_out",
-        "_out_rows",
-        "_scratch",
-        "_slot",
-        "_windows",
-        "_y",
-        "pcm",
-    )
-
-    _HISTORY: Final = _PHASE_LEN - 1
+    __slots__ = ("_buf", "_n", "_out", "_out_view")
 
     def __init__(self) -> None:
+        self._buf = np.zeros(_HISTORY + _INITIAL_CAPACITY)
         self._allocate(_INITIAL_CAPACITY)
 
     def _allocate(self, capacity: int) -> None:
-        rows = -(-capacity // _UP_INS)
-        buf = np.zeros(self._HISTORY + rows * _UP_INS)  # a row reads _HISTORY past its block
-        if hasattr(self, "_buf"):
-            buf[: self._HISTORY] = self._buf[: self._HISTORY]
+        buf = np.zeros(_HISTORY + capacity)
+        buf[:_HISTORY] = self._buf[:_HISTORY]
         self._buf = buf
-        self._out = np.empty((rows, _RATIO * _UP_INS))
-        self._scratch = np.empty(rows * _RATIO * _UP_INS, dtype=_I16)
-        self._n = -1  # no views yet
+        self._out = np.empty(_RATIO * capacity, dtype=_I16)
+        self._n = -1
 
-    def _prepare(self, n: int) -> None:
-        """Build the views for frames of ``n`` input samples (growing the buffers if needed)."""
-        if n > len(self._out) * _UP_INS:
-            self._allocate(max(n, 2 * len(self._out) * _UP_INS))
-        buf, history = self._buf, self._HISTORY
-        rows = -(-n // _UP_INS)
-        self._slot = buf[history : history + n]
-        self._windows = _block_rows(buf, rows, _UP_INS, _UP_ROW)
-        self._out_rows = self._out[:rows]
-        self._history_dst = buf[:history]
-        self._history_src = buf[n : n + history]  # overlaps _history_dst when n < history
-        self._y = self._out_rows.reshape(-1)[: _RATIO * n]
-        self.pcm = self._scratch[: _RATIO * n]  # the caller's int16 output for 3n samples
-        self._n = n
-
-    def slot(self, n: int) -> np.ndarray:
-        """Where the caller writes the next ``n`` input samples (then calls ``run()``)."""
+    def run(self, kernel: nb.core.dispatcher.Dispatcher, samples: np.ndarray) -> bytes:
+        n = len(samples)
         if n != self._n:
-            self._prepare(n)
-        return self._slot
-
-    def run(self) -> np.ndarray:
-        """Filter the samples just written; returns 3n floats (valid until the next call)."""
-        self._windows.dot(_UP_BLOCK, self._out_rows)
-        self._history_dst[...] = self._history_src  # overlap-safe in numpy
-        return self._y
+            capacity = len(self._buf) - _HISTORY
+            if n > capacity:
+                self._allocate(max(n, 2 * capacity))
+            self._out_view = self._out[: _RATIO * n]  # reused while frames keep their length
+            self._n = n
+        kernel(samples, self._buf, self._out)
+        return self._out_view.tobytes()
 
 
 class _Decimator:
-    """24 kHz -> 8 kHz polyphase FIR core (computes only every third output).
+    """24 kHz -> 8 kHz polyphase FIR state: computes only every third output.
 
-    ``_buf[:_fill]`` holds the unconsumed input: the last _TAPS - 3 .. _TAPS - 1 samples, i.e.
-    the start of the next output's window, which completes once enough new samples arrive. So
-    any input length works and the output is identical however the input is chunked. Starts
-    from silence. Past ``_fill`` the buffer holds stale (finite) samples: they only feed
-    outputs beyond the ones returned.
+    ``_buf[:_fill]`` holds the unconsumed input, the start of the next output's window (at
+    most _TAPS - 1 samples), so any chunk length works and the output is identical however
+    the input is chunked. Starts from silence.
     """
 
-    __slots__ = (
-        "_buf",
-        "_fill",
-        "_history_dst",
-        "_history_src",
-        "_next_fill",
-        "_out",
-        "_out_rows",
-        "_scratch",
-        "_scratch_dtype",
-        "_slot",
-        "_view_fill",
-        "_view_len",
-        "_windows",
-        "_y",
-        "out",
-    )
+    __slots__ = ("_buf", "_fill", "_out")
 
-    def __init__(self, scratch_dtype: npt.DTypeLike) -> None:
-        """``scratch_dtype``: what the caller converts outputs into ("<i2" PCM16, np.intp μ-law)."""
-        self._scratch_dtype = scratch_dtype
+    def __init__(self, out_dtype: npt.DTypeLike) -> None:
         self._fill = _TAPS - 1
-        self._allocate(_TAPS + _INITIAL_CAPACITY)
+        self._buf = np.zeros(_TAPS + _INITIAL_CAPACITY)
+        self._out = np.empty(0, dtype=out_dtype)
+        self._allocate(_INITIAL_CAPACITY)
 
-    def _allocate(self, size: int) -> None:
-        buf = np.zeros(size)
-        if hasattr(self, "_buf"):
-            buf[: self._fill] = self._buf[: self._fill]
+    def _allocate(self, capacity: int) -> None:
+        buf = np.zeros(_TAPS + capacity)
+        buf[: self._fill] = self._buf[: self._fill]
         self._buf = buf
-        rows = (size - _DOWN_ROW) // _DOWN_STRIDE + 1  # the most block rows ``buf`` can hold
-        self._out = np.empty((rows, _DOWN_OUTS))
-        self._scratch = np.empty(rows * _DOWN_OUTS, dtype=self._scratch_dtype)
-        self._view_len = -1  # no views yet
+        self._out = np.empty((_TAPS - 1 + capacity) // _RATIO + 1, dtype=self._out.dtype)
 
-    def _prepare(self, k: int) -> None:
-        """Build the views for pushing ``k`` samples onto the current ``_fill``."""
-        fill = self._fill + k
-        m = (fill - _TAPS) // _RATIO + 1 if fill >= _TAPS else 0
-        rows = -(-m // _DOWN_OUTS)
-        # The last row reads _DOWN_ROW samples, past the final output's window when m is not a
-        # multiple of _DOWN_OUTS (the extra outputs are computed from stale samples, unused).
-        size = max(fill, (rows - 1) * _DOWN_STRIDE + _DOWN_ROW)
-        if size > len(self._buf):
-            self._allocate(max(size, 2 * len(self._buf)))
-        buf = self._buf
-        consumed = _RATIO * m
-        self._slot = buf[self._fill : fill]
-        self._windows = _block_rows(buf, rows, _DOWN_STRIDE, _DOWN_ROW)
-        self._out_rows = self._out[:rows]
-        self._next_fill = fill - consumed
-        self._history_dst = buf[: self._next_fill]
-        self._history_src = buf[consumed:fill]  # may overlap _history_dst
-        self._y = self._out_rows.reshape(-1)[:m]
-        self.out = self._scratch[:m]  # the caller's converted output for the m samples
-        self._view_fill, self._view_len = self._fill, k
-
-    def push(self, samples: np.ndarray) -> np.ndarray:
-        """Append input samples; returns the float outputs now complete (valid until next call).
-
-        ``out`` is then the caller's scratch array of the same length.
-        """
-        if len(samples) != self._view_len or self._fill != self._view_fill:
-            self._prepare(len(samples))
-        self._slot[...] = samples
-        self._windows.dot(_DOWN_BLOCK, self._out_rows)
-        self._history_dst[...] = self._history_src  # overlap-safe in numpy
-        self._fill = self._next_fill
-        return self._y
+    def run(self, kernel: nb.core.dispatcher.Dispatcher, samples: np.ndarray) -> bytes:
+        if len(samples) > len(self._buf) - _TAPS:
+            self._allocate(max(len(samples), 2 * (len(self._buf) - _TAPS)))
+        packed = kernel(samples, self._buf, self._fill, self._out)
+        self._fill = packed >> 32
+        return self._out[: packed & 0xFFFFFFFF].tobytes()
 
 
 class Upsampler8to24:
@@ -418,12 +365,7 @@ class Upsampler8to24:
 
     def process(self, pcm: bytes) -> bytes:
         samples = self._carry.samples(pcm)
-        n = len(samples)
-        if not n:
-            return b""
-        core = self._core
-        core.slot(n)[...] = samples
-        return _to_pcm16(core.run(), core.pcm)
+        return self._core.run(_upsample_pcm16, samples) if len(samples) else b""
 
 
 class Downsampler24to8:
@@ -441,15 +383,13 @@ class Downsampler24to8:
         self._core = _Decimator(_I16)
 
     def process(self, pcm: bytes) -> bytes:
-        core = self._core
-        return _to_pcm16(core.push(self._carry.samples(pcm)), core.out)
+        return self._core.run(_downsample_pcm16, self._carry.samples(pcm))
 
 
 class InboundTranscoder:
     """Twilio -> model in pcm16 mode: μ-law 8 kHz bytes -> PCM16 LE 24 kHz bytes (3 x 2 bytes each).
 
-    Decoding and upsampling are fused: the μ-law table gather writes straight into the
-    resampler's input buffer.
+    Decoding and upsampling are one kernel call.
     """
 
     __slots__ = ("_core",)
@@ -458,28 +398,23 @@ class InboundTranscoder:
         self._core = _Interpolator()
 
     def process(self, ulaw: bytes) -> bytes:
-        codes = np.frombuffer(ulaw, _U8)
-        n = len(codes)
-        if not n:
+        if not ulaw:
             return b""
-        core = self._core
-        _ULAW_DECODE_F64.take(codes, None, core.slot(n), "clip")  # uint8: always in range
-        return _to_pcm16(core.run(), core.pcm)
+        return self._core.run(_upsample_ulaw, np.frombuffer(ulaw, _U8))
 
 
 class OutboundTranscoder:
     """Model -> Twilio in pcm16 mode: PCM16 LE 24 kHz bytes (any length) -> μ-law 8 kHz bytes.
 
-    Anti-aliased decimation then μ-law encoding of the rounded, saturated result; leftover
-    samples and an odd byte carry over to the next call.
+    Anti-aliased decimation then μ-law encoding of the rounded, saturated result, in one
+    kernel call; leftover samples and an odd byte carry over to the next call.
     """
 
     __slots__ = ("_carry", "_core")
 
     def __init__(self) -> None:
         self._carry = _OddByteCarry()
-        self._core = _Decimator(np.intp)  # rounded outputs index the saturating μ-law table
+        self._core = _Decimator(_U8)
 
     def process(self, pcm: bytes) -> bytes:
-        core = self._core
-        return _to_ulaw(core.push(self._carry.samples(pcm)), core.out)
+        return self._core.run(_downsample_ulaw, self._carry.samples(pcm))

@@ -379,3 +379,23 @@ def test_codec_bench_runs() -> None:
         results
     )
     assert all(math.isfinite(v) and v > 0 for v in results.values())
+
+
+KERNELS = ("_upsample_ulaw", "_upsample_pcm16", "_downsample_pcm16", "_downsample_ulaw")
+
+
+def test_kernels_are_compiled_at_import_and_never_during_a_call() -> None:
+    """Each compiled kernel has exactly its declared signature, before and after frames of
+    every buffer type a caller may pass: a new specialisation would be compiled in the event
+    loop, stalling every call for about a second."""
+    kernels = [getattr(audio, name) for name in KERNELS]
+    assert all(len(kernel.signatures) == 1 for kernel in kernels)
+    ulaw, pcm = bytes(range(160)), bytes(range(256)) * 3 + bytes(192)  # 480 samples
+    for wrap in (bytearray, memoryview):
+        for processor in STATEFUL:
+            frame = ulaw if processor is InboundTranscoder else pcm
+            expected = processor().process(frame)
+            assert len(expected) > 100
+            assert processor().process(wrap(frame)) == expected  # type: ignore[arg-type]
+    assert all(len(kernel.signatures) == 1 for kernel in kernels)
+    assert all(kernel._can_compile is False for kernel in kernels)

@@ -13,12 +13,12 @@ no `OpenAI-Beta` header is sent (beta shapes are now refused with close code 400
 
 from __future__ import annotations
 
-import binascii
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
-from pybase64 import b64decode as _b64decode
+
+from bridge.base64_audio import decode_strict
 
 # The connection moved to its own module (picows); importable from here as before.
 from bridge.realtime_connection import MAX_FRAME_BYTES as MAX_FRAME_BYTES
@@ -301,24 +301,12 @@ def parse_server_event(frame: str | bytes) -> ServerEvent:
         delta = data.get("delta")
         item_id = data.get("item_id")
         response_id = data.get("response_id")
-        if (
-            type(delta) is str
-            and type(item_id) is str
-            and type(response_id) is str
-            and len(delta) % 4 == 0
-        ):
-            # Strict decoding of a length that is a multiple of 4 accepts canonical padded
-            # base64 (audio deltas are forwarded verbatim inside Twilio JSON in g711 mode, so
-            # nothing else may pass; binascii also lets "AAAA====" through, see
-            # _binascii_strict), and costs no more than a regex match would. pybase64
-            # (SIMD) decodes a 1280-character delta in ~0.3 µs where binascii takes ~3 µs.
-            try:
-                audio = _b64decode(delta, None, True)  # positional: keywords cost ~0.2 µs
-            except ValueError:  # refused: binascii has the final say (see _binascii_strict)
-                audio = _binascii_strict(delta)
-                if audio is None:
-                    return _bad_audio_delta(data)
-            return AudioDelta(item_id, response_id, delta, audio)
+        if type(delta) is str and type(item_id) is str and type(response_id) is str:
+            # Decoding validates (deltas are forwarded verbatim inside Twilio JSON in g711
+            # mode) and costs no more than a regex match would.
+            audio = decode_strict(delta)
+            if audio is not None:
+                return AudioDelta(item_id, response_id, delta, audio)
         return _bad_audio_delta(data)
     if type(kind) is not str:
         return Malformed("missing 'type'" if kind is None else "'type' is not a string")
@@ -329,20 +317,6 @@ def parse_server_event(frame: str | bytes) -> ServerEvent:
         return parser(data)
     except _BadField as exc:
         return Malformed(f"{kind}: {exc}")
-
-
-def _binascii_strict(text: str) -> bytes | None:
-    """`binascii.a2b_base64(text, strict_mode=True)`, or None where that raises.
-
-    pybase64's `validate=True` accepts a subset of what binascii's strict mode accepts, with the
-    same bytes; binascii alone also takes a complete final quantum followed by whole groups of
-    "=" ("AAAA===="). Re-checking what pybase64 refuses keeps acceptance exactly binascii's.
-    Any `ValueError` means "not base64": binascii raises a plain one for non-ASCII text.
-    """
-    try:
-        return binascii.a2b_base64(text, strict_mode=True)
-    except ValueError:
-        return None
 
 
 def _bad_audio_delta(data: dict[str, Any]) -> Malformed:

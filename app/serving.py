@@ -56,9 +56,8 @@ class ProcessServer(uvicorn.Server):
     collected first. A full collection then walks only what calls created: measured with
     `switchboard loadtest --calls 100`, full collections walking the ~230 000 start-up objects
     (and the calls' garbage) paused 20-175 ms, stalling every call's audio (max round trips of
-    76-95 ms). The
-    freeze ends with serving, so a process that serves more than once (the tests) gets its
-    objects collected as usual afterwards.
+    76-95 ms). The freeze ends with serving, so a process that serves more than once (the
+    tests) gets its objects collected as usual afterwards.
     """
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
 import orjson
 
 from bridge.base64_audio import decode_strict
@@ -285,8 +286,47 @@ ServerEvent = (
 AUDIO_DELTA = "response.output_audio.delta"
 
 
+class _Fields(msgspec.Struct):
+    """What the bridge reads of an audio delta; any event type decodes (see parse_server_event)."""
+
+    type: str
+    delta: str | None = None
+    item_id: str | None = None
+    response_id: str | None = None
+
+
+# Audio deltas are half of a call's events. msgspec decodes just these four fields and skips
+# the rest (event_id, output_index, content_index) without building it, where orjson builds a
+# dict of it all: 1.6 µs a 20 ms delta instead of 2.0. Every other event, and a delta it does
+# not take (a field missing or of another type, bad base64, bad JSON), goes to the general
+# parser, whose answer is the reference: tests/test_realtime.py checks that both agree. Decoding
+# any type (no tag) costs other events ~0.3 µs, where a tag mismatch's exception costs 0.7.
+# Skipping checks JSON syntax but neither the range of skipped numbers nor UTF-8 inside
+# skipped strings of an audio delta.
+_decode_fields = msgspec.json.Decoder(_Fields).decode
+# RecursionError: nesting deeper than msgspec goes (orjson stops at 1024 and says so).
+_NOT_DECODED = (msgspec.DecodeError, RecursionError, TypeError)
+
+
 def parse_server_event(frame: str | bytes) -> ServerEvent:
     """Parse one frame from the Realtime server. Never raises; bad input becomes `Malformed`."""
+    try:
+        fields = _decode_fields(frame)
+    except _NOT_DECODED:
+        return parse_any_server_event(frame)
+    if fields.type == AUDIO_DELTA:
+        delta, item_id, response_id = fields.delta, fields.item_id, fields.response_id
+        if delta is not None and item_id is not None and response_id is not None:
+            # Decoding validates (deltas are forwarded verbatim inside Twilio JSON in g711
+            # mode) and costs no more than a regex match would.
+            audio = decode_strict(delta)
+            if audio is not None:
+                return AudioDelta(item_id, response_id, delta, audio)
+    return parse_any_server_event(frame)
+
+
+def parse_any_server_event(frame: str | bytes) -> ServerEvent:
+    """`parse_server_event` without the hot decoder: every event built from orjson's dict."""
     try:
         data = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
@@ -297,13 +337,10 @@ def parse_server_event(frame: str | bytes) -> ServerEvent:
         return Malformed("frame is not a JSON object")
     kind = data.get("type")
     if kind == AUDIO_DELTA:
-        # Hot path: inline checks, no exceptions.
         delta = data.get("delta")
         item_id = data.get("item_id")
         response_id = data.get("response_id")
         if type(delta) is str and type(item_id) is str and type(response_id) is str:
-            # Decoding validates (deltas are forwarded verbatim inside Twilio JSON in g711
-            # mode) and costs no more than a regex match would.
             audio = decode_strict(delta)
             if audio is not None:
                 return AudioDelta(item_id, response_id, delta, audio)

@@ -97,7 +97,7 @@ def test_session_start_configures_then_asks_for_a_greeting() -> None:
 def test_caller_audio_is_forwarded_in_the_session_format(mode: str) -> None:
     p = protocol(mode)
     payload = ulaw_frame(20, 0x80)
-    p.receive_twilio(tw.Media(payload=payload, timestamp=20, chunk=1))
+    p.receive_twilio(tw.Media(payload=payload))
     (event,) = realtime_out(p)
     assert event["type"] == "input_audio_buffer.append"
     audio = base64.b64decode(event["audio"])
@@ -110,8 +110,8 @@ def test_caller_audio_is_forwarded_in_the_session_format(mode: str) -> None:
 
 def test_oversized_and_undecodable_frames_are_counted_and_dropped() -> None:
     p = protocol()
-    p.receive_twilio(tw.Media(payload="A" * 5000, timestamp=None, chunk=None))
-    p.receive_twilio(tw.Media(payload="***not base64***", timestamp=None, chunk=None))
+    p.receive_twilio(tw.Media(payload="A" * 5000))
+    p.receive_twilio(tw.Media(payload="***not base64***"))
     p.receive_twilio(tw.Malformed(reason="bad json"))
     p.receive_twilio(tw.Unknown(event="surprise"))
     assert p.realtime_frames_to_send() == []
@@ -122,7 +122,7 @@ def test_oversized_and_undecodable_frames_are_counted_and_dropped() -> None:
         "unknown_event": 1,
     }
     # ...and the call goes on: the next good frame is relayed.
-    p.receive_twilio(tw.Media(payload=ulaw_frame(), timestamp=None, chunk=None))
+    p.receive_twilio(tw.Media(payload=ulaw_frame()))
     assert len(realtime_out(p)) == 1
 
 

@@ -38,6 +38,7 @@ from bridge.realtime import (
     encode,
     function_call_output,
     message_item,
+    parse_any_server_event,
     parse_server_event,
     realtime_url,
     response_cancel,
@@ -531,6 +532,55 @@ def test_malformed_server_events_say_what_is_wrong(frame: str, reason_contains: 
     assert reason_contains in event.reason
 
 
+# --- parse_server_event's hot decoder agrees with the general parser ------------------------
+
+_DELTA = '"type":"response.output_audio.delta"'
+# Frames that look like audio deltas, well-formed or almost, and other events: each goes
+# through the hot decoder and must come out as the general parser (orjson) has it.
+NEAR_DELTA_FRAMES = [
+    "{" + _DELTA + ',"event_id":"e","response_id":"r","item_id":"i","output_index":0,'
+    '"content_index":0,"delta":"AAAA//8="}',
+    '{"delta":"AAAA","item_id":"i","response_id":"r",' + _DELTA + "}",  # type last
+    "{" + _DELTA + ',"delta":"AAAA","item_id":"i","response_id":"r","type":"x.y"}',  # dup
+    '{"type":"x.y","delta":"AAAA","item_id":"i","response_id":"r",' + _DELTA + "}",
+    "{" + _DELTA + ',"delta":"AAAA","item_id":null,"response_id":"r"}',
+    "{" + _DELTA + ',"delta":5,"item_id":"i","response_id":"r"}',
+    "{" + _DELTA + ',"delta":"AAA","item_id":"i","response_id":"r"}',
+    "{" + _DELTA + ',"delta":"","item_id":"i","response_id":"r"}',
+    "{" + _DELTA + ',"delta":"\\u0041AAA","item_id":"i","response_id":"r"}',
+    "{" + _DELTA + ',"delta":"AAAA","item_id":"i","response_id":"r","x":NaN}',
+    "{" + _DELTA + ',"delta":"AAAA","item_id":"i","response_id":"r","x":"\\udc00"}',
+    "{" + _DELTA + ',"delta":"AAAA","item_id":"i","response_id":"r"}x',
+    "{"
+    + _DELTA
+    + ',"delta":"AAAA","item_id":"i","response_id":"r","d":'
+    + "[" * 2000
+    + "]" * 2000
+    + "}",
+    '{"type":"response.output_audio_transcript.delta","delta":"Hi","item_id":"i",'
+    '"response_id":"r"}',
+    '{"type":"input_audio_buffer.speech_started","audio_start_ms":1,"item_id":"i"}',
+    '{"type":null}',
+    '{"type":"response.done","response":{"id":"r","status":"completed"}}',
+    "[]",
+    "",
+    ("{" + _DELTA + ',"delta":"AAAA","item_id":"i","response_id":"r"}').encode(),
+]
+
+
+@pytest.mark.parametrize("frame", NEAR_DELTA_FRAMES)
+def test_hot_decoder_agrees_with_the_general_parser(frame: str | bytes) -> None:
+    assert parse_server_event(frame) == parse_any_server_event(frame)
+
+
+def test_what_the_hot_decoder_skips_is_checked_for_syntax_only() -> None:
+    # Documented leniency: bytes the bridge does not read are not checked for UTF-8.
+    frame = b'{"type":"response.output_audio.delta","delta":"AAAA","item_id":"i",'
+    frame += b'"response_id":"r","event_id":"\xff"}'
+    assert parse_server_event(frame) == AudioDelta("i", "r", "AAAA")
+    assert isinstance(parse_any_server_event(frame), Malformed)
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda children: (
@@ -557,7 +607,10 @@ def test_parse_server_event_never_raises_on_arbitrary_input(frame: str | bytes) 
     ),
 )
 def test_parse_server_event_never_raises_on_arbitrary_fields(kind: str, body: dict) -> None:
-    assert parse_server_event(json.dumps({**body, "type": kind})) is not None
+    frame = json.dumps({**body, "type": kind})
+    event = parse_server_event(frame)
+    assert event is not None
+    assert event == parse_any_server_event(frame)  # the hot decoder agrees
 
 
 # --- connection (the picows client in depth: tests/test_realtime_connection.py) ---------------

@@ -7,6 +7,7 @@ numbers agree with each other).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -57,6 +58,21 @@ def test_server_usage_is_read_from_proc(report: lt.Report) -> None:
     assert rss["baseline"] is not None and rss["peak"] is not None and rss["after"] is not None
     assert rss["peak"] >= rss["baseline"]
     assert report.machine["cores"] == os.cpu_count()
+    assert 0.0 <= report.machine["steal_pct"] < 100.0
+
+
+def test_steal_is_read_from_proc_stat_and_warned_about(report: lt.Report) -> None:
+    before = lt.cpu_steal_ticks("cpu  100 0 50 800 0 0 10 40 0 0\ncpu0 50 0 25 400 0 0 5 20 0 0")
+    after = lt.cpu_steal_ticks("cpu  180 0 60 880 0 0 20 60 0 0\n")
+    assert before == (40, 1000) and after == (60, 1200)
+    assert lt.steal_pct(before, after) == 10.0
+    assert lt.cpu_steal_ticks("cpu  1 2 3 4\n") == (0, 10)  # kernels older than 2.6.11
+    with pytest.raises(lt.LoadTestError):
+        lt.cpu_steal_ticks("intr 1 2 3")
+    stolen = dataclasses.replace(report, machine={**report.machine, "steal_pct": 10.0})
+    assert any("10 % of the machine's CPU time" in w for w in lt.measurement_warnings(stolen))
+    quiet = dataclasses.replace(report, machine={**report.machine, "steal_pct": 0.5})
+    assert not any("steal" in w for w in lt.measurement_warnings(quiet))
 
 
 def test_the_resampler_delay_is_reported_in_pcm16_only(report: lt.Report) -> None:

@@ -183,9 +183,7 @@ def _parse_media(message: dict[str, Any]) -> Media | Malformed:
         return Malformed(
             f"media.payload is {len(payload)} characters, more than {MAX_MEDIA_PAYLOAD_CHARS}"
         )
-    # Strict decoding accepts canonical padded base64 (what is_base64_text accepts, plus
-    # binascii's "AAAA====": see bridge.base64_audio), and leaves the bytes for pcm16 mode.
-    audio = decode_strict(payload)
+    audio = decode_strict(payload)  # as in parse_frame
     if audio is None:
         return Malformed("media.payload is not valid base64")
     return Media(payload, audio)

@@ -172,11 +172,28 @@ class RealtimeConnection(WSListener):
         cannot be reached or does not answer. `ssl_context` replaces the default verifying
         one for wss:// (tests use it to trust a local certificate).
         """
-        full_url = realtime_url(url, model)
+        headers = [("Authorization", f"Bearer {api_key}")] if api_key else []
+        return await cls.open(
+            realtime_url(url, model), headers, open_timeout=open_timeout, ssl_context=ssl_context
+        )
+
+    @classmethod
+    async def open(
+        cls,
+        full_url: str,
+        headers: list[tuple[str, str]],
+        *,
+        open_timeout: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> RealtimeConnection:
+        """Open a WebSocket to `full_url` as is, sending `headers` with the upgrade.
+
+        `connect` is this with the Realtime API's URL and key; the load generator's simulated
+        Twilio callers use it directly (the same lean client, for the same reason). Raises
+        as `connect` does.
+        """
         ws_uri = parse_uri(full_url)  # InvalidURI, worded as websockets' client did
-        headers = [("User-Agent", USER_AGENT)]
-        if api_key:
-            headers.append(("Authorization", f"Bearer {api_key}"))
+        headers = [("User-Agent", USER_AGENT), *headers]
         if ws_uri.secure and ssl_context is None:
             ssl_context = _default_ssl_context()
         connection = cls()

@@ -21,6 +21,10 @@ echoed from the first frame; and once `barge_in_at_ms` of input has arrived it s
 runs in its own process (`python -m bridge.sim.load emulator`), so its CPU is not the server's
 or the load generator's.
 
+Both sides speak WebSocket through picows, as the server does: with websockets' asyncio
+stack the load generator and the emulator each cost about as much CPU per call as the server
+they measure, and on a slower 2-core machine they fell behind real time before the server did.
+
 Every loop here is bounded in count and in time.
 """
 
@@ -30,6 +34,7 @@ import argparse
 import asyncio
 import binascii
 import contextlib
+import gc
 import json
 import sys
 import time
@@ -42,14 +47,13 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import numpy as np
 import orjson
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 from twilio.request_validator import RequestValidator
-from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection
-from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from bridge import twilio_media as tw
 from bridge.audio import pcm16_to_ulaw
+from bridge.realtime_connection import RealtimeConnection
 from bridge.sim.caller import Playout, new_sid, parse_twiml
 from bridge.sim.emulator import MAX_FRAME_BYTES, REALTIME_PATH, EmulatorSession, SessionRecord
 from bridge.sim.scenario import BUILTINS
@@ -128,7 +132,7 @@ class LoadCaller:
         self._received = 0  # returned mu-law bytes so far
         self._cleared = asyncio.Event()
         self._closed = asyncio.Event()
-        self._ws: Any = None
+        self._connection: RealtimeConnection | None = None
 
     async def run(self, http: httpx.AsyncClient, stop_at: float) -> CallResult:
         result = self.result
@@ -136,14 +140,16 @@ class LoadCaller:
         try:
             async with asyncio.timeout(max(0.1, stop_at - time.monotonic())):
                 url, parameters, signature = await self._answer(http)
-                async with connect(
+                # picows, as the bridge's own upstream: websockets' asyncio client cost the
+                # generator about as much CPU per call as the server being measured.
+                ws = self._connection = await RealtimeConnection.open(
                     url,
-                    additional_headers={"X-Twilio-Signature": signature},
-                    compression=None,
+                    [("X-Twilio-Signature", signature)],
                     open_timeout=self.plan.connect_timeout_s,
-                    max_size=MAX_FRAME_BYTES,
-                ) as ws:
-                    self._ws = ws
+                )
+                try:
+                    # Frames are handled in picows' callback while the receiver is parked.
+                    ws.set_fast_path(self._on_fast_frame)
                     await ws.send(self.writer.connected())
                     await ws.send(self.writer.start(parameters))
                     receiver = asyncio.create_task(self._receive(ws))
@@ -154,6 +160,8 @@ class LoadCaller:
                         receiver.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await receiver
+                finally:
+                    await ws.close()
         except TimeoutError:
             result.errors.append("call did not finish in time")
         except ConnectionClosed as exc:
@@ -195,7 +203,7 @@ class LoadCaller:
         url = urlunsplit((scheme, server.netloc, path, "", ""))
         return url, stream.parameters, validator.compute_signature(stream.url, {})
 
-    async def _talk(self, ws: Any) -> None:
+    async def _talk(self, ws: RealtimeConnection) -> None:
         """Send one frame per 20 ms tick and play 20 ms of returned audio (bounded count)."""
         plan, result, frames = self.plan, self.result, self.frames
         measured = plan.measured_frames
@@ -210,9 +218,11 @@ class LoadCaller:
             if self._closed.is_set():
                 result.errors.append("server closed the media socket during the call")
                 return
-            await self._play_one_frame(ws)
+            self._play_one_frame(ws)
             self.sent_at.append(time.monotonic())
-            await ws.send(self.writer.media(frames[k % len(frames)]))
+            if not ws.send_nowait(self.writer.media(frames[k % len(frames)])):
+                result.errors.append("server closed the media socket during the call")
+                return
             result.frames_sent += 1
             if k < measured:
                 result.sent_bytes += FRAME_BYTES
@@ -226,21 +236,31 @@ class LoadCaller:
         if plan.barge_in and not self._cleared.is_set():
             result.errors.append("no clear after the barge-in")
 
-    async def _play_one_frame(self, ws: Any) -> None:
+    def _play_one_frame(self, ws: RealtimeConnection) -> None:
         _, reached = self.playout.play(FRAME_BYTES)
         for name, _position in reached:
             self.result.marks_acked += 1
-            await ws.send(self.writer.mark(name))
+            ws.send_nowait(self.writer.mark(name))
 
-    async def _receive(self, ws: Any) -> None:
+    async def _receive(self, ws: RealtimeConnection) -> None:
+        """Frames the fast path did not take (while this task was not parked), in order."""
         try:
             async for frame in ws:
-                await self._on_frame(ws, frame)
+                self._on_frame(ws, frame)
         except ConnectionClosed:
             pass
         self._closed.set()
 
-    async def _on_frame(self, ws: Any, frame: str | bytes) -> None:
+    def _on_fast_frame(self, frame: bytes) -> bool:
+        ws = self._connection
+        assert ws is not None
+        try:
+            self._on_frame(ws, frame)
+        except Exception as exc:  # picows would fail the connection: record it instead
+            self.result.errors.append(f"load caller failed on a frame: {exc!r}")
+        return True
+
+    def _on_frame(self, ws: RealtimeConnection, frame: bytes) -> None:
         now = time.monotonic()
         result = self.result
         try:
@@ -260,7 +280,7 @@ class LoadCaller:
             result.marks_received += 1
             for echoed in self.playout.add_mark(name):
                 result.marks_acked += 1
-                await ws.send(self.writer.mark(echoed))
+                ws.send_nowait(self.writer.mark(echoed))
         elif event == "clear":
             measured = self.plan.measured_frames
             if len(self.sent_at) >= measured:
@@ -270,7 +290,7 @@ class LoadCaller:
             self._cleared.set()
             for echoed in self.playout.clear():
                 result.marks_acked += 1
-                await ws.send(self.writer.mark(echoed))
+                ws.send_nowait(self.writer.mark(echoed))
         else:
             result.errors.append(f"unexpected event {event!r} from the server")
 
@@ -444,23 +464,59 @@ class LoadEchoSession(EmulatorSession):
     }
 
 
-async def _serve_session(
-    ws: ServerConnection, stats: EmulatorStats, barge_in_at_ms: float | None
-) -> None:
-    session = LoadEchoSession(stats, barge_in_at_ms)
-    stats.sessions += 1
-    session.open()
-    try:
-        for frame in session.data_to_send():
-            await ws.send(frame, text=True)
-        while session.close_request is None:
-            session.receive(await ws.recv(decode=False))
-            for frame in session.data_to_send():
-                await ws.send(frame, text=True)
-    except ConnectionClosed:
-        pass
-    finally:
-        session.connection_closed(ws.close_code)
+class LoadEchoListener(WSListener):
+    """One echo session served on picows: each whole frame in, the session's frames out.
+
+    The session is sans-I/O (bytes in, frames out), so serving it is a callback: no task, no
+    queue, no wakeup per message (websockets' asyncio server cost the emulator more CPU than
+    the server it helps to measure). The bridge never fragments a message; a fragment is
+    refused with a close frame rather than reassembled.
+    """
+
+    def __init__(self, stats: EmulatorStats, barge_in_at_ms: float | None) -> None:
+        self._stats = stats
+        self._session = LoadEchoSession(stats, barge_in_at_ms)
+        self._transport: WSTransport | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._transport = transport
+        self._stats.sessions += 1
+        self._session.open()
+        self._flush(transport)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        msg_type = frame.msg_type
+        if msg_type is WSMsgType.TEXT or msg_type is WSMsgType.BINARY:
+            if not frame.fin:
+                self._close(transport, WSCloseCode.UNSUPPORTED_DATA, "fragmented message")
+                return
+            if self._session.close_request is None:
+                self._session.receive(frame.get_payload_as_bytes())
+                self._flush(transport)
+        elif msg_type is WSMsgType.CONTINUATION:
+            self._close(transport, WSCloseCode.UNSUPPORTED_DATA, "fragmented message")
+        elif msg_type is WSMsgType.CLOSE:
+            code = frame.get_close_code()
+            self._close(transport, WSCloseCode.OK if code == WSCloseCode.NO_INFO else code, "")
+        # PING is answered by picows; PONG needs nothing.
+
+    def _flush(self, transport: WSTransport) -> None:
+        for out in self._session.data_to_send():
+            transport.send(WSMsgType.TEXT, out)
+        request = self._session.close_request
+        if request is not None:
+            self._close(transport, *request)
+
+    @staticmethod
+    def _close(transport: WSTransport, code: int, reason: str) -> None:
+        if not transport.is_close_frame_sent:
+            transport.send_close(code, reason.encode())
+        transport.disconnect()  # graceful: what was sent goes out first
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        handshake = transport.close_handshake
+        received = handshake.recv if handshake is not None else None
+        self._session.connection_closed(received.code if received is not None else None)
 
 
 async def serve_load_emulator(
@@ -468,12 +524,14 @@ async def serve_load_emulator(
 ) -> None:
     """Serve echo sessions; answer `stats`/`reset` lines on `commands` until `quit` or EOF."""
     stats = EmulatorStats()
-
-    async def handler(ws: ServerConnection) -> None:
-        await _serve_session(ws, stats, barge_in_at_ms)
-
-    async with ws_serve(handler, host, port, compression=None, max_size=MAX_FRAME_BYTES) as server:
-        bound = next(iter(server.sockets)).getsockname()
+    server = await ws_create_server(
+        lambda request: LoadEchoListener(stats, barge_in_at_ms),
+        host,
+        port,
+        max_frame_size=MAX_FRAME_BYTES,
+    )
+    async with server:
+        bound = server.sockets[0].getsockname()
         _reply({"url": f"ws://{bound[0]}:{bound[1]}{REALTIME_PATH}"})
         for _ in range(100_000):  # bounded: one line per command
             line = (await commands.readline()).decode().strip()
@@ -518,6 +576,10 @@ def main(argv: list[str] | None = None) -> None:
             import os
 
             os.sched_setaffinity(0, set(args.cpu))
+    # Everything imported so far lives as long as the process: out of the collector's sight,
+    # its full collections do not walk it again and again while sessions allocate events.
+    gc.collect()
+    gc.freeze()
     run = _event_loop_runner()
     run(_emulator_main(args.host, args.port, args.barge_in_at_ms))
 

@@ -7,6 +7,7 @@ numbers agree with each other).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -152,15 +153,8 @@ def test_the_load_emulator_speaks_only_sdk_valid_events() -> None:
     stats = EmulatorStats()
     session = LoadEchoSession(stats, barge_in_at_ms=100)
     session.open()
-    update = rt.session_update(
-        instructions="echo",
-        tools=[],
-        audio_mode="g711",
-        voice="marin",
-        transcription_model="gpt-4o-mini-transcribe",
-    )
-    session.receive(rt.encode(update))
-    session.receive(rt.encode(rt.response_create(instructions="greet")))
+    for event in _bridge_opening():
+        session.receive(event)
     frame = base64.b64encode(b"\x10" * 160).decode()  # 20 ms of loud mu-law
     for _ in range(10):  # 200 ms: past the barge-in point
         session.receive(rt.append_audio(frame))
@@ -171,3 +165,55 @@ def test_the_load_emulator_speaks_only_sdk_valid_events() -> None:
     types = [e["type"] for e in sent]
     assert "input_audio_buffer.speech_started" in types and "response.output_audio.delta" in types
     assert stats.barge_ins == 1 and len(stats.reaction_ms) == 1 and stats.errors_sent == 0
+
+
+async def test_the_load_emulator_serves_sessions_over_a_real_socket() -> None:
+    # Served from picows callbacks; a websockets client (another implementation) talks to it.
+    import base64
+
+    from picows import ws_create_server
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosedError
+
+    from bridge import realtime as rt
+    from bridge.sim.load import EmulatorStats, LoadEchoListener
+
+    stats = EmulatorStats()
+    server = await ws_create_server(lambda request: LoadEchoListener(stats, None), "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}/v1/realtime") as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            for event in _bridge_opening():
+                await ws.send(event)
+            audio = base64.b64encode(bytes(range(160))).decode()
+            await ws.send(rt.append_audio(audio))
+            deltas = []
+            for _ in range(20):  # bounded: a handful of events come before the echo
+                event = json.loads(await ws.recv())
+                if event["type"] == "response.output_audio.delta":
+                    deltas.append(event["delta"])
+                    break
+            assert deltas == [audio]
+            # The bridge never fragments a message; the load emulator refuses one clearly.
+            await ws.send(iter(['{"type": "input_audio_', 'buffer.clear"}']))
+            with pytest.raises(ConnectionClosedError) as closed:
+                async with asyncio.timeout(5):
+                    for _ in range(20):
+                        await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1003
+    assert stats.sessions == 1 and stats.errors_sent == 0
+
+
+def _bridge_opening() -> list[str]:
+    """What the bridge sends first on a g711 session: its settings, then the greeting."""
+    from bridge import realtime as rt
+
+    update = rt.session_update(
+        instructions="echo",
+        tools=[],
+        audio_mode="g711",
+        voice="marin",
+        transcription_model="gpt-4o-mini-transcribe",
+    )
+    return [rt.encode(update), rt.encode(rt.response_create(instructions="greet"))]

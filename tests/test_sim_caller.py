@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import socket
+import time
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import httpx
 import numpy as np
 import orjson
 import pytest
@@ -45,6 +47,14 @@ from bridge.sim.caller import (
     silence,
     speak,
     wait_for_agent,
+)
+from bridge.sim.load import (
+    FRAME_BYTES,
+    FRAME_MS,
+    CallResult,
+    LoadCaller,
+    LoadPlan,
+    speech_frames,
 )
 from bridge.sim.wav import read_wav, read_wav_as_ulaw, write_wav
 
@@ -517,3 +527,79 @@ async def test_a_query_string_on_the_stream_url_is_a_violation_and_dropped() -> 
         report = await call(server, CallerScript("t", (hang_up(),)), pace=0)
     assert queries == [""]
     assert len(report.violations) == 1 and "query string" in report.violations[0]
+
+
+# --- the load generator's lean caller (bridge/sim/load.py) against the same fake server ---------
+
+
+def _load_plan(server: FakeServer, duration_s: float) -> LoadPlan:
+    return LoadPlan(
+        server_url=server.url,
+        public_url=server.public_url,
+        auth_token=AUTH_TOKEN,
+        to=TO,
+        duration_s=duration_s,
+        barge_in_wait_s=2.0,
+        connect_timeout_s=5.0,
+    )
+
+
+async def _run_load_caller(plan: LoadPlan) -> CallResult:
+    caller = LoadCaller(0, plan, speech_frames(4))
+    async with httpx.AsyncClient() as http:
+        return await asyncio.wait_for(caller.run(http, time.monotonic() + 20), timeout=30)
+
+
+async def test_load_caller_measures_every_echoed_frame_acks_marks_and_stops_on_clear() -> None:
+    measured = 10  # 200 ms
+    marks_sent: list[str] = []
+
+    async def behaviour(peer: Peer) -> None:
+        # Echo each frame, a mark after every fifth, then `clear` once the measured audio is in.
+        media = 0
+        while True:
+            event = await peer.recv()
+            if isinstance(event, tw.Media):
+                media += 1
+                await peer.send(tw.media_frame(peer.stream_sid, event.payload))
+                if media % 5 == 0:
+                    marks_sent.append(f"m{media}")
+                    await peer.mark(f"m{media}")
+                if media == measured:
+                    await peer.clear()
+            elif isinstance(event, tw.Stop):
+                return
+
+    async with serving(FakeServer(behaviour)) as server:
+        result = await _run_load_caller(_load_plan(server, measured * FRAME_MS / 1000))
+    assert result.errors == []
+    assert server.webhook_signature_ok == [True] and server.ws_signature_ok == [True]
+    assert result.sent_bytes == result.returned_bytes == measured * FRAME_BYTES
+    assert len(result.latencies_ms) == measured and min(result.latencies_ms) >= 0
+    assert result.ahead == 0
+    # Each mark is echoed once, when playout reaches it or when `clear` drops the queue.
+    echoed = [f["mark"]["name"] for f in server.frames if f["event"] == "mark"]
+    assert echoed == marks_sent and result.marks_acked == result.marks_received == 2
+    assert result.clear_after_ms is not None
+    assert [f["event"] for f in server.frames][-1] == "stop"
+
+
+async def test_load_caller_reports_a_media_socket_the_server_closes() -> None:
+    async def behaviour(peer: Peer) -> None:
+        for _ in range(3):
+            await peer.recv()
+        await peer.ws.close(1011, "gone")
+
+    async with serving(FakeServer(behaviour)) as server:
+        result = await _run_load_caller(_load_plan(server, 2.0))
+    assert any("closed" in error for error in result.errors), result.errors
+    assert result.frames_sent < 100  # it stopped talking instead of streaming into the void
+
+
+async def test_load_caller_reports_a_refused_webhook() -> None:
+    async def behaviour(peer: Peer) -> None:
+        raise AssertionError("no stream expected")
+
+    async with serving(FakeServer(behaviour, status=403, twiml="<Response/>")) as server:
+        result = await _run_load_caller(_load_plan(server, 0.2))
+    assert result.errors == ["CallRefused: /voice/incoming answered 403"]

@@ -177,13 +177,16 @@ async def test_the_load_emulator_serves_sessions_over_a_real_socket() -> None:
 
     from bridge import realtime as rt
     from bridge.sim.load import EmulatorStats, LoadEchoListener
+    from tests.sdk_oracle import assert_valid_server_event
 
     stats = EmulatorStats()
     server = await ws_create_server(lambda request: LoadEchoListener(stats, None), "127.0.0.1", 0)
     async with server:
         port = server.sockets[0].getsockname()[1]
         async with connect(f"ws://127.0.0.1:{port}/v1/realtime") as ws:
-            assert json.loads(await ws.recv())["type"] == "session.created"
+            created = json.loads(await ws.recv())
+            assert_valid_server_event(created)
+            assert created["type"] == "session.created"
             for event in _bridge_opening():
                 await ws.send(event)
             audio = base64.b64encode(bytes(range(160))).decode()
@@ -191,6 +194,7 @@ async def test_the_load_emulator_serves_sessions_over_a_real_socket() -> None:
             deltas = []
             for _ in range(20):  # bounded: a handful of events come before the echo
                 event = json.loads(await ws.recv())
+                assert_valid_server_event(event)
                 if event["type"] == "response.output_audio.delta":
                     deltas.append(event["delta"])
                     break

@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import binascii
 import contextlib
+import functools
 import gc
 import json
 import sys
@@ -132,7 +133,6 @@ class LoadCaller:
         self._received = 0  # returned mu-law bytes so far
         self._cleared = asyncio.Event()
         self._closed = asyncio.Event()
-        self._connection: RealtimeConnection | None = None
 
     async def run(self, http: httpx.AsyncClient, stop_at: float) -> CallResult:
         result = self.result
@@ -142,14 +142,14 @@ class LoadCaller:
                 url, parameters, signature = await self._answer(http)
                 # picows, as the bridge's own upstream: websockets' asyncio client cost the
                 # generator about as much CPU per call as the server being measured.
-                ws = self._connection = await RealtimeConnection.open(
+                ws = await RealtimeConnection.open(
                     url,
                     [("X-Twilio-Signature", signature)],
                     open_timeout=self.plan.connect_timeout_s,
                 )
                 try:
                     # Frames are handled in picows' callback while the receiver is parked.
-                    ws.set_fast_path(self._on_fast_frame)
+                    ws.set_fast_path(functools.partial(self._on_fast_frame, ws))
                     await ws.send(self.writer.connected())
                     await ws.send(self.writer.start(parameters))
                     receiver = asyncio.create_task(self._receive(ws))
@@ -251,9 +251,7 @@ class LoadCaller:
             pass
         self._closed.set()
 
-    def _on_fast_frame(self, frame: bytes) -> bool:
-        ws = self._connection
-        assert ws is not None
+    def _on_fast_frame(self, ws: RealtimeConnection, frame: bytes) -> bool:
         try:
             self._on_frame(ws, frame)
         except Exception as exc:  # picows would fail the connection: record it instead
@@ -476,10 +474,8 @@ class LoadEchoListener(WSListener):
     def __init__(self, stats: EmulatorStats, barge_in_at_ms: float | None) -> None:
         self._stats = stats
         self._session = LoadEchoSession(stats, barge_in_at_ms)
-        self._transport: WSTransport | None = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
-        self._transport = transport
         self._stats.sessions += 1
         self._session.open()
         self._flush(transport)
